@@ -313,7 +313,3 @@ def keep_count(pool: int, ratio: float) -> int:
     """K = max(1, round(b * r_s)): rows a pool keeps."""
     return max(1, round(pool * ratio))
 
-
-def token_keep_count(n_tokens: int, ratio: float) -> int:
-    """ceil(r_t * T) response tokens a pruned row keeps (per_sample budget)."""
-    return math.ceil(ratio * n_tokens)

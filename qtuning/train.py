@@ -1,0 +1,435 @@
+"""The Q-Tuning training loop: score, triage, prune, step.
+
+Run it as
+
+    python -m qtuning.train --config run.yaml                 # one process (CPU or one GPU)
+    accelerate launch -m qtuning.train --config run.yaml      # DDP / FSDP / DeepSpeed via accelerate
+    python -m qtuning.train --config run.yaml --resume        # continue from the last checkpoint
+
+Each optimizer step takes `grad_accum_steps` pools of `pool_size` samples:
+
+1. score  - one no-grad forward gives every response token's NLL and entropy;
+2. triage - the sample rule keeps K = round(pool * sample_ratio) rows (Q2 + Q4 for Q-Tuning);
+3. prune  - the token rule removes the least useful tokens of Q2 rows from the loss;
+4. learn  - forward and backward on the kept rows only, padding trimmed to them.
+
+Full-data runs skip step 1. The loss is a sum of token NLLs divided by the
+step's loss-token count, known before the first backward, so gradient
+accumulation over micro-batches equals one large batch exactly.
+
+Everything leaves through `metrics.jsonl` in the output folder and an optional
+`log_fn(metrics, step)` the caller passes in; this module knows no tracker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qtuning.config import ExperimentConfig, TrainingConfig, load_yaml, with_overrides
+from qtuning.pruning import SAMPLE_RULES, PoolStats, Selection, prune_tokens
+from qtuning.scoring import IGNORE, score_tokens
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+# --------------------------------------------------------------------------- data order
+def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
+    """The pools of one epoch, a pure function of (seed, epoch): resumable without saved sampler state."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:  # sort within mega-batches of 50 pools, then shuffle the pools (HF's LengthGroupedSampler idea)
+        mega = pool * 50
+        order = np.concatenate(
+            [chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, len(order) // mega))]
+        )
+    pools = [order[i : i + pool] for i in range(0, len(order), pool)]
+    if group_by_length:
+        pools = [pools[i] for i in rng.permutation(len(pools))]
+    return pools
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # (b, T)
+    attention_mask: Tensor  # (b, T)
+    labels: Tensor  # (b, T)
+
+    def rows(self, keep: Tensor) -> Batch:
+        """The kept rows, with the padding columns none of them needs trimmed away."""
+        mask = self.attention_mask[keep]
+        width = int(mask.sum(1).max())  # right padding: one sync per pool
+        return Batch(self.input_ids[keep, :width], mask[:, :width], self.labels[keep, :width])
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+
+def collate(rows_ids: list[list[int]], rows_labels: list[list[int]], pad_id: int) -> Batch:
+    """Right-pad to the longest row; padding is masked by position, never by id (pad = eos in SmolLM2)."""
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(lab)
+        mask[i, : len(r)] = 1
+    return Batch(ids, mask, labels)
+
+
+# --------------------------------------------------------------------------- one pool
+@dataclass
+class Pruned:
+    """A pool after stages 1 and 2: what trains, and what it cost to decide."""
+
+    batch: Batch  # the rows that train (all rows, masked, for train_on: masked_batch)
+    weight: Tensor  # (rows,) per-row loss weight
+    sel: Selection
+    response_tokens: int  # label tokens in the whole pool, before pruning
+    real_tokens: int  # non-pad tokens in the whole pool
+
+
+def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
+    """Stages 1 and 2 for one pool: score (if the rules need it), triage, prune tokens."""
+    p = cfg.pruning
+    lengths = batch.attention_mask.sum(1).cpu()
+    response_lengths = (batch.labels[:, 1:] != IGNORE).sum(1).cpu()
+    stats = PoolStats(lengths=lengths, response_lengths=response_lengths)
+    nll = None
+    if p.needs_scores:
+        # 1. where does each sample sit on the EU plane? (no grad, chunked over the vocabulary)
+        model.eval()
+        scores = score_tokens(
+            model, batch.input_ids, batch.attention_mask, batch.labels,
+            entropy_scope=p.entropy_scope, chunk_tokens=cfg.training.score_chunk_tokens,
+        )
+        nll = scores.nll  # (b, T)
+        stats.ppl, stats.ent = scores.sample_ppl().cpu(), scores.sample_ent().cpu()  # one sync
+    # 2. keep misconceptions (Q2) and calibration (Q4); drop noise (Q1) and the mastered (Q3)
+    sel = SAMPLE_RULES[p.sample].fn(stats, p.sample_ratio, p, gen)
+    # 3. trim the least useful tokens of Q2 rows from the loss; Q4 rows stay whole
+    labels = prune_tokens(batch.labels, nll, batch.attention_mask, sel, p, gen)
+    pruned = Batch(batch.input_ids, batch.attention_mask, labels)
+    if p.train_on == "kept_rows":
+        keep = sel.keep.to(labels.device)
+        trained, weight = pruned.rows(keep), sel.weight[sel.keep]
+    else:  # the official code's single masked pass: same gradient, no saving
+        trained = Batch(batch.input_ids, batch.attention_mask, labels.masked_fill(~sel.keep[:, None].to(labels.device), IGNORE))
+        weight = sel.weight * sel.keep
+    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()))
+
+
+def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
+    """Weighted count of what the loss averages over: kept response tokens, or every real position of kept rows."""
+    b = pruned.batch
+    w = pruned.weight.to(b.labels.device)
+    if loss_norm == "response":
+        per_row = (b.labels[:, 1:] != IGNORE).sum(1)
+    else:
+        per_row = b.attention_mask[:, 1:].sum(1) * (w > 0)
+    return (per_row.float() * w).sum()
+
+
+def weighted_nll_sum(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """Sum over loss tokens of w_row * NLL, from (b, T, V) logits; the caller divides by the step's denominator."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return (nll.view_as(targets) * weight[:, None].to(nll.dtype)).sum()
+
+
+def micro_batches(pruned: Pruned, size: int):
+    n = len(pruned.weight)
+    for s in range(0, n, size):
+        idx = torch.arange(s, min(n, s + size))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[idx] = True
+        yield (pruned.batch.rows(keep.to(pruned.batch.labels.device)) if n > size else pruned.batch), pruned.weight[idx]
+
+
+# --------------------------------------------------------------------------- state and checkpoints
+@dataclass
+class TrainState:
+    """Everything a resume needs beyond model/optimizer/scheduler (explicit, JSON-serialisable)."""
+
+    step: int = 0  # optimizer steps done
+    pools_done: int = 0  # global pools consumed (all processes)
+    loss_tokens: int = 0  # tokens that carried loss so far
+    samples_trained: int = 0
+    samples_seen: int = 0
+    score_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (trainer_state.json is written last), oldest first."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int) -> Path:
+    ckpt = out / "checkpoints" / f"step-{state.step}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        (ckpt / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+# --------------------------------------------------------------------------- the loop
+def plan_steps(n_samples: int, cfg: ExperimentConfig, world: int) -> tuple[int, int, int]:
+    """(pools per epoch, global pools to train, optimizer steps), each process taking one pool of every `world`."""
+    t = cfg.training
+    pools_per_epoch = math.ceil(n_samples / cfg.pool_size)
+    total_pools = max(world, (math.ceil(t.epochs * pools_per_epoch) // world) * world)
+    steps = math.ceil(total_pools // world / t.grad_accum_steps)
+    if t.max_steps is not None:
+        steps = min(steps, t.max_steps)
+        total_pools = min(total_pools, steps * t.grad_accum_steps * world)
+    return pools_per_epoch, total_pools, steps
+
+
+def _mixed_precision(t: TrainingConfig) -> str:
+    if t.precision == "fp32" or not torch.cuda.is_available():
+        if t.precision == "bf16" and not torch.cuda.is_available():
+            raise ValueError("training.precision: bf16 needs a GPU here; use auto or fp32 on CPU")
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    log_fn: LogFn | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.pruning`; returns the run summary (also in summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from qtuning.data import build_sft_dataset
+    from qtuning.modeling import load_model, load_tokenizer, save_final
+
+    t, out = cfg.training, Path(cfg.training.output_dir)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False)
+    set_seed(t.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # ---- data, model, optimizer
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():
+        data = build_sft_dataset(cfg.data, tokenizer)
+    all_ids, all_labels = list(data.dataset["input_ids"]), list(data.dataset["labels"])
+    lengths = np.asarray(data.dataset["length"])
+    model = load_model(cfg.model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    pools_per_epoch, total_pools, total_steps = plan_steps(len(lengths), cfg, world)
+    schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+
+    state = TrainState()
+    if resume and (ckpts := _checkpoints(out)):
+        accelerator.load_state(str(ckpts[-1]))
+        state = TrainState(**json.loads((ckpts[-1] / "trainer_state.json").read_text()))
+        accelerator.print(f"resumed from {ckpts[-1]} (step {state.step}/{total_steps})")
+    elif resume:
+        accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    metrics_file = _MetricsFile(out / "metrics.jsonl", keep_until=state.step) if accelerator.is_main_process else None
+
+    epoch_pools: dict[int, list[np.ndarray]] = {}
+
+    def pool(i: int) -> Batch:
+        """Global pool i: epoch i // pools_per_epoch, in that epoch's seeded order."""
+        epoch, j = divmod(i, pools_per_epoch)
+        if epoch not in epoch_pools:
+            epoch_pools.clear()
+            epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch, t.group_by_length)
+        idx = epoch_pools[epoch][j]
+        return collate([all_ids[k] for k in idx], [all_labels[k] for k in idx], tokenizer.pad_token_id).to(device)
+
+    bar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, disable=not (progress and accelerator.is_main_process))
+    summary_loss = float("nan")
+    while state.step < total_steps:
+        step_start = time.perf_counter()
+        # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
+        pools, first = [], state.pools_done
+        while len(pools) < t.grad_accum_steps and state.pools_done < total_pools:
+            i = state.pools_done + rank
+            state.pools_done += world
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + i)  # per-pool: resume-safe randomness
+            with accelerator.autocast():
+                pools.append(select_pool(accelerator.unwrap_model(model), pool(i), cfg, gen))
+        _sync(device)
+        score_end = time.perf_counter()
+
+        # ---- 4. learn from what is left, and only from it
+        model.train()
+        denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
+        micro = [mb for p in pools for mb in micro_batches(p, t.micro_batch_size)]
+        loss_sum = torch.zeros((), device=device)
+        trained_tokens = torch.zeros((), device=device)
+        for k, (mb, w) in enumerate(micro):
+            sync_now = k == len(micro) - 1
+            with (contextlib.nullcontext() if sync_now else accelerator.no_sync(model)), accelerator.autocast():
+                logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (b, T, V)
+                loss = weighted_nll_sum(logits, mb.labels, w.to(device)) / denom
+            accelerator.backward(loss)
+            loss_sum += loss.detach()
+            trained_tokens += mb.attention_mask.sum()
+        if t.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        step_end = time.perf_counter()
+        state.step += 1
+
+        # ---- bookkeeping: one reduction and one host sync per step
+        kept = sum(int(p.sel.keep.sum()) for p in pools)
+        counts = torch.tensor(
+            [
+                sum(p.sel.keep.numel() for p in pools), kept,
+                sum(int((p.batch.labels[:, 1:] != IGNORE).sum()) for p in pools),
+                sum(p.response_tokens for p in pools), sum(p.real_tokens for p in pools),
+                *[sum(int((p.sel.quadrant == q).sum()) for p in pools) for q in (1, 2, 3, 4)],
+                sum(p.sel.filled for p in pools),
+            ],
+            dtype=torch.float64, device=device,
+        )
+        counts = accelerator.reduce(counts, reduction="sum").tolist()
+        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+        n_pool, n_kept, n_loss_tok, n_resp, n_real, q1, q2, q3, q4, filled = counts
+        state.loss_tokens += int(n_loss_tok)
+        state.samples_trained += int(n_kept)
+        state.samples_seen += int(n_pool)
+        state.score_seconds += score_end - step_start
+        state.train_seconds += step_end - score_end
+        summary_loss = loss_value
+        alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/epoch": state.pools_done / pools_per_epoch,
+            "train/loss_tokens": state.loss_tokens,
+            "train/samples_trained": state.samples_trained,
+            "prune/kept_samples": n_kept / n_pool,
+            "prune/kept_tokens": n_loss_tok / max(n_resp, 1),
+            "prune/q1": q1, "prune/q2": q2, "prune/q3": q3, "prune/q4": q4, "prune/filled": filled,
+            "time/score_seconds": score_end - step_start,
+            "time/train_seconds": step_end - score_end,
+            "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
+        }
+        if alphas:
+            metrics["prune/alpha"] = float(np.mean(alphas))
+        if state.step % t.log_every_steps == 0 or state.step == total_steps:
+            if metrics_file:
+                metrics_file.write(state.step, metrics)
+            if log_fn and accelerator.is_main_process:
+                log_fn(metrics, state.step)
+        bar.set_postfix(loss=f"{loss_value:.3f}", kept=f"{n_kept / n_pool:.2f}", tok=f"{n_loss_tok / max(n_resp, 1):.2f}")
+        bar.update(1)
+        if (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps:
+            _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    summary = {
+        "optimizer_steps": state.step,
+        "final_loss": summary_loss,
+        "loss_tokens": state.loss_tokens,
+        "samples_trained": state.samples_trained,
+        "samples_seen": state.samples_seen,
+        "score_seconds": round(state.score_seconds, 3),
+        "train_seconds": round(state.score_seconds + state.train_seconds, 3),
+        "data_fingerprint": data.fingerprint,
+        "data_rows": len(lengths),
+        "data_skipped": data.skipped,
+        "final_dir": str(out / "final"),
+        "world_size": world,
+    }
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(model), tokenizer, out / "final")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _sync(device: torch.device) -> None:
+    """Timings need the GPU queue drained (a CPU-GPU sync point; twice per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _MetricsFile:
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= keep_until]
+        path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qtuning.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="ExperimentConfig YAML")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. pruning.sample_ratio=0.5")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    args = ap.parse_args(argv)
+    from qtuning.config import ConfigError
+
+    try:
+        cfg = load_yaml(ExperimentConfig, args.config)
+        if args.set:
+            cfg = with_overrides(cfg, dict(_parse_override(s) for s in args.set))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _parse_override(s: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = s.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {s!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
