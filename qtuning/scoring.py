@@ -109,3 +109,52 @@ def score_tokens(
     ent[b_idx, t_idx] = ent_flat
     nll = nll * response_mask
     return TokenScores(nll=nll, ent=ent * ent_mask, response_mask=response_mask, ent_mask=ent_mask)
+
+
+@torch.no_grad()
+def score_dataset(
+    model: torch.nn.Module,
+    dataset,
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+    entropy_scope: Literal["response", "all"] = "response",
+    chunk_tokens: int = 512,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+):
+    """A static EU pass over a whole tokenized data set, with the same scoring code as the training loop.
+
+    Rows are scored in length order (less padding; a sample's scores do not
+    depend on its batch-mates) and returned in the data set's order as a
+    pandas DataFrame: sample_id, ppl, ent, response_length, length.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from qtuning.train import collate
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    lengths = list(dataset["length"])
+    ids, labels = list(dataset["input_ids"]), list(dataset["labels"])
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ppl = [0.0] * len(order)
+    ent = [0.0] * len(order)
+    for s in tqdm(range(0, len(order), batch_size), desc="EU scoring", disable=not progress, unit="batch"):
+        idx = order[s : s + batch_size]
+        b = collate([ids[i] for i in idx], [labels[i] for i in idx], pad_id).to(device)
+        sc = score_tokens(model, b.input_ids, b.attention_mask, b.labels, entropy_scope=entropy_scope, chunk_tokens=chunk_tokens)
+        for i, p, e in zip(idx, sc.sample_ppl().tolist(), sc.sample_ent().tolist()):
+            ppl[i], ent[i] = p, e
+    model.train(was_training)
+    return pd.DataFrame(
+        {
+            "sample_id": list(dataset["sample_id"]),
+            "ppl": ppl,
+            "ent": ent,
+            "response_length": list(dataset["response_length"]),
+            "length": lengths,
+        }
+    )
