@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:
+#   make run    # set up, fetch the embedded model and data, run the main job
+#   make test   # set up, fetch the assets, run the test suite
+# Both create .venv; torch is installed first and only when missing (a CUDA torch
+# already on the system python is reused through --system-site-packages).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QT := $(VENV)/bin/qtuning
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup assets run test bench ui clean
+.DEFAULT_GOAL := run
+
+$(VENV)/.installed: pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the system torch ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[pipeline,dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+assets: setup
+	$(QT) assets
+
+run: assets
+	$(QT) run $(ARGS)
+
+test: assets
+	$(PY) -m pytest $(ARGS)
+
+bench: assets
+	$(PY) -m qtuning.bench $(ARGS)
+
+ui: setup
+	$(QT) ui
+
+clean:
+	rm -rf $(VENV) runs
