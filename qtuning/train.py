@@ -101,6 +101,7 @@ class Pruned:
     sel: Selection
     response_tokens: int  # label tokens in the whole pool, before pruning
     real_tokens: int  # non-pad tokens in the whole pool
+    loss_tokens: Tensor  # () on device: label tokens that train, after both stages
 
 
 def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
@@ -130,7 +131,8 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
     else:  # the official code's single masked pass: same gradient, no saving
         trained = Batch(batch.input_ids, batch.attention_mask, labels.masked_fill(~sel.keep[:, None].to(labels.device), IGNORE))
         weight = sel.weight * sel.keep
-    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()))
+    loss_tokens = (trained.labels[:, 1:] != IGNORE).sum()
+    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens)
 
 
 def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
@@ -159,6 +161,28 @@ def micro_batches(pruned: Pruned, size: int):
         keep = torch.zeros(n, dtype=torch.bool)
         keep[idx] = True
         yield (pruned.batch.rows(keep.to(pruned.batch.labels.device)) if n > size else pruned.batch), pruned.weight[idx]
+
+
+def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Tensor:
+    """Stage 4: forward and backward on the kept rows of a step's pools, micro-batch by micro-batch.
+
+    Each micro-batch's loss is divided by the whole step's denominator, so the
+    accumulated gradient is that of one large batch. Gradients are synchronised
+    across processes once, on the last backward. Returns the step loss
+    (detached, on device: no host sync here).
+    """
+    model.train()
+    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
+    micro = [mb for p in pools for mb in micro_batches(p, cfg.training.micro_batch_size)]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for k, (mb, w) in enumerate(micro):
+        last = k == len(micro) - 1
+        with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (b, T, V)
+            loss = weighted_nll_sum(logits, mb.labels, w.to(logits.device)) / denom
+        accelerator.backward(loss)
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 # --------------------------------------------------------------------------- state and checkpoints
@@ -219,8 +243,12 @@ def train(
     resume: bool = False,
     log_fn: LogFn | None = None,
     progress: bool = True,
+    save: bool = True,
 ) -> dict:
-    """Fine-tune `cfg.model` on `cfg.data` with `cfg.pruning`; returns the run summary (also in summary.json)."""
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.pruning`; returns the run summary (also in summary.json).
+
+    `save=False` writes no checkpoint and no final model (benchmarks, tests of the loop itself).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -276,7 +304,7 @@ def train(
     while state.step < total_steps:
         step_start = time.perf_counter()
         # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
-        pools, first = [], state.pools_done
+        pools = []
         while len(pools) < t.grad_accum_steps and state.pools_done < total_pools:
             i = state.pools_done + rank
             state.pools_done += world
@@ -287,19 +315,7 @@ def train(
         score_end = time.perf_counter()
 
         # ---- 4. learn from what is left, and only from it
-        model.train()
-        denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
-        micro = [mb for p in pools for mb in micro_batches(p, t.micro_batch_size)]
-        loss_sum = torch.zeros((), device=device)
-        trained_tokens = torch.zeros((), device=device)
-        for k, (mb, w) in enumerate(micro):
-            sync_now = k == len(micro) - 1
-            with (contextlib.nullcontext() if sync_now else accelerator.no_sync(model)), accelerator.autocast():
-                logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (b, T, V)
-                loss = weighted_nll_sum(logits, mb.labels, w.to(device)) / denom
-            accelerator.backward(loss)
-            loss_sum += loss.detach()
-            trained_tokens += mb.attention_mask.sum()
+        loss_sum = learn(accelerator, model, pools, cfg)
         if t.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
@@ -310,20 +326,19 @@ def train(
         state.step += 1
 
         # ---- bookkeeping: one reduction and one host sync per step
-        kept = sum(int(p.sel.keep.sum()) for p in pools)
-        counts = torch.tensor(
+        on_device = torch.stack([loss_sum, *(p.loss_tokens for p in pools)]).double()
+        on_host = torch.tensor(
             [
-                sum(p.sel.keep.numel() for p in pools), kept,
-                sum(int((p.batch.labels[:, 1:] != IGNORE).sum()) for p in pools),
+                sum(p.sel.keep.numel() for p in pools), sum(int(p.sel.keep.sum()) for p in pools),
                 sum(p.response_tokens for p in pools), sum(p.real_tokens for p in pools),
                 *[sum(int((p.sel.quadrant == q).sum()) for p in pools) for q in (1, 2, 3, 4)],
                 sum(p.sel.filled for p in pools),
             ],
-            dtype=torch.float64, device=device,
+            dtype=torch.float64,
         )
-        counts = accelerator.reduce(counts, reduction="sum").tolist()
-        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-        n_pool, n_kept, n_loss_tok, n_resp, n_real, q1, q2, q3, q4, filled = counts
+        totals = accelerator.reduce(torch.cat([on_device, on_host.to(device)]), reduction="sum").tolist()
+        loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
+        n_pool, n_kept, n_resp, n_real, q1, q2, q3, q4, filled = totals[1 + len(pools) :]
         state.loss_tokens += int(n_loss_tok)
         state.samples_trained += int(n_kept)
         state.samples_seen += int(n_pool)
@@ -353,7 +368,7 @@ def train(
                 log_fn(metrics, state.step)
         bar.set_postfix(loss=f"{loss_value:.3f}", kept=f"{n_kept / n_pool:.2f}", tok=f"{n_loss_tok / max(n_resp, 1):.2f}")
         bar.update(1)
-        if (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps:
+        if save and ((t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps):
             _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
     bar.close()
 
@@ -373,7 +388,8 @@ def train(
         "world_size": world,
     }
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, out / "final")
+        if save:
+            save_final(accelerator.unwrap_model(model), tokenizer, out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
