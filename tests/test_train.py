@@ -1,0 +1,188 @@
+"""The training loop on a tiny random llama with the real tokenizer: invariances, learning, determinism, resume."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from qtuning.config import DataConfig, ExperimentConfig, PruningConfig, TrainingConfig
+from qtuning.data import build_sft_dataset
+from qtuning.modeling import load_model, load_tokenizer, tiny_model_config
+from qtuning.train import collate, learn, select_pool, train
+
+FULL = dict(sample="all", token="all", sample_ratio=1.0, token_ratio=1.0)
+
+
+def make_cfg(tmp_path: Path, pruning: dict | None = None, **training) -> ExperimentConfig:
+    t = dict(micro_batch_size=8, lr=3e-3, epochs=3, schedule="constant", output_dir=str(tmp_path / "out"), max_grad_norm=None)
+    t.update(training)
+    return ExperimentConfig(
+        name="test",
+        model=tiny_model_config(),
+        data=DataConfig(source="arc", limit=16, max_length=128),
+        pruning=PruningConfig(**(pruning or {})),
+        training=TrainingConfig(**t),
+    )
+
+
+@pytest.fixture(scope="module")
+def rows():
+    tok = load_tokenizer(tiny_model_config())
+    data = build_sft_dataset(DataConfig(source="arc", limit=16, max_length=128), tok, progress=False).dataset
+    return tok, list(data["input_ids"]), list(data["labels"])
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _learn(model, cfg, batches, gen_seed=0):
+    """Stages 1-4 of one optimizer step on the given pools; returns the gradients."""
+    model = copy.deepcopy(model)
+    acc = Accelerator(cpu=True)
+    pools = [select_pool(model, b, cfg, torch.Generator().manual_seed(gen_seed + i)) for i, b in enumerate(batches)]
+    learn(acc, model, pools, cfg)
+    return _grads(model), pools
+
+
+@pytest.mark.parametrize("sample,token", [("qtuning", "qtuning"), ("infobatch", "random"), ("longest", "ppl")])
+def test_kept_rows_step_equals_masked_full_batch_step(tmp_path, rows, sample, token):
+    tok, ids, labels = rows
+    set_seed(0)
+    model = load_model(tiny_model_config())
+    batch = collate(ids[:8], labels[:8], tok.pad_token_id)
+    kept_cfg = make_cfg(tmp_path, dict(sample=sample, token=token))
+    masked_cfg = make_cfg(tmp_path, dict(sample=sample, token=token, train_on="masked_batch"))
+    g_kept, p_kept = _learn(model, kept_cfg, [batch])
+    g_masked, p_masked = _learn(model, masked_cfg, [batch])
+    assert torch.equal(p_kept[0].sel.keep, p_masked[0].sel.keep)
+    assert p_kept[0].batch.input_ids.shape[0] == int(p_kept[0].sel.keep.sum()) < 8  # only kept rows were fed
+    assert p_masked[0].batch.input_ids.shape[0] == 8
+    assert g_kept.keys() == g_masked.keys()
+    for name in g_kept:
+        torch.testing.assert_close(g_kept[name], g_masked[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path, rows):
+    tok, ids, labels = rows
+    set_seed(0)
+    model = load_model(tiny_model_config())
+    halves = [collate(ids[:4], labels[:4], tok.pad_token_id), collate(ids[4:8], labels[4:8], tok.pad_token_id)]
+    whole = collate(ids[:8], labels[:8], tok.pad_token_id)
+    g_accum, _ = _learn(model, make_cfg(tmp_path, FULL, micro_batch_size=4, grad_accum_steps=2), halves)
+    g_whole, _ = _learn(model, make_cfg(tmp_path, FULL, micro_batch_size=8), [whole])
+    g_split, _ = _learn(model, make_cfg(tmp_path, {**FULL, "selection_batch_size": 8}, micro_batch_size=3), [whole])
+    for name in g_whole:
+        torch.testing.assert_close(g_accum[name], g_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g_split[name], g_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _eval_loss(model_dir_or_model, tok, ids, labels) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = model_dir_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model)
+    b = collate(ids, labels, tok.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss.item()
+
+
+@pytest.mark.parametrize(
+    "sample,token",
+    [
+        ("all", "all"),
+        ("qtuning", "qtuning"),
+        ("random", "random"),
+        ("longest", "ppl"),
+        ("infobatch", "qtuning"),
+        ("ppl", "random"),
+        ("entropy", "ppl"),
+    ],
+)
+def test_a_few_steps_lower_the_loss(tmp_path, rows, sample, token):
+    tok, ids, labels = rows
+    pruning = FULL if sample == "all" else dict(sample=sample, token=token)
+    cfg = make_cfg(tmp_path, pruning)
+    set_seed(cfg.training.seed)
+    before = _eval_loss(load_model(cfg.model), tok, ids, labels)
+    summary = train(cfg, progress=False)
+    after = _eval_loss(summary["final_dir"], tok, ids, labels)
+    assert after < before - 0.1, (before, after)
+    assert summary["optimizer_steps"] == 6  # 16 rows, pools of 8, 3 epochs: every method gets the same steps
+    metrics = [json.loads(l) for l in Path(cfg.training.output_dir, "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6
+    kept = sum(m["prune/kept_samples"] for m in metrics) / 6
+    assert kept == 1.0 if sample == "all" else 0.25 <= kept < 0.5
+
+
+def _decisions(path: Path) -> list[dict]:
+    """Per-step metrics without wall-clock figures: what was kept, and what it learned."""
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_same_seed_same_decisions(tmp_path, rows):
+    a = make_cfg(tmp_path / "a", dict(sample="qtuning", token="qtuning"), epochs=2)
+    b = make_cfg(tmp_path / "b", dict(sample="qtuning", token="qtuning"), epochs=2)
+    train(a, progress=False, save=False)
+    train(b, progress=False, save=False)
+    da = _decisions(Path(a.training.output_dir, "metrics.jsonl"))
+    db = _decisions(Path(b.training.output_dir, "metrics.jsonl"))
+    assert da == db
+    assert len({m["prune/q2"] for m in da}) >= 1 and all(m["prune/kept_samples"] < 1 for m in da)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_a_stop_continues_with_identical_decisions(tmp_path, rows):
+    pruning = dict(sample="qtuning", token="qtuning")
+    ref = make_cfg(tmp_path / "ref", pruning, checkpoint_every_steps=2)
+    train(ref, progress=False)
+
+    cfg = make_cfg(tmp_path / "run", pruning, checkpoint_every_steps=2)
+
+    def crash_at_step_4(metrics, step):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, progress=False, log_fn=crash_at_step_4)
+    ckpts = sorted(p.name for p in Path(cfg.training.output_dir, "checkpoints").iterdir())
+    assert ckpts == ["step-2"]  # step 4's checkpoint was never written
+    summary = train(cfg, resume=True, progress=False)
+    assert summary["optimizer_steps"] == 6
+    got = _decisions(Path(cfg.training.output_dir, "metrics.jsonl"))
+    want = _decisions(Path(ref.training.output_dir, "metrics.jsonl"))
+    assert [m["step"] for m in got] == list(range(1, 7))  # steps 3-4 were redone, not duplicated
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k != "train/loss"} == {k: v for k, v in w.items() if k != "train/loss"}
+        assert g["train/loss"] == pytest.approx(w["train/loss"], rel=1e-4)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    cfg = make_cfg(tmp_path, dict(sample="qtuning", token="qtuning"), epochs=2)
+    path = cfg.save(tmp_path / "run.yaml")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "qtuning.train", "--config", str(path), "--no-progress",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(Path(cfg.training.output_dir, "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # <= 16 rows = 2 pools per epoch, 2 epochs = 4 pools; each process takes one pool per step
+    assert summary["optimizer_steps"] == 2
+    assert summary["samples_seen"] == 2 * summary["data_rows"]  # every row seen once per epoch, across both ranks
+    assert Path(summary["final_dir"], "config.json").exists()
