@@ -117,9 +117,10 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
 
 
 def memory_ratio(quick: bool, rows: int, max_length: int) -> dict[str, float]:
+    """Peak of the scoring forward over that of a plain no-grad forward, on the `rows` longest of a slice."""
     peaks = {}
     for kind in ("plain", "scoring"):
-        cmd = [sys.executable, "-m", "qtuning.bench", "--_memory", kind, "--rows", str(rows), "--max-length", str(max_length)]
+        cmd = [sys.executable, "-m", "qtuning.bench", "--_memory", kind, "--micro-batch", str(rows), "--max-length", str(max_length)]
         if quick:
             cmd.append("--quick")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -135,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qtuning bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model with the real tokenizer (< 3 min on a CPU)")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
-    ap.add_argument("--rows", type=int, default=None, help="training rows (default 64; --quick 128)")
-    ap.add_argument("--max-length", type=int, default=256, help="tokens per row")
+    ap.add_argument("--rows", type=int, default=None, help="training rows (default 64; --quick 48)")
+    ap.add_argument("--max-length", type=int, default=None, help="tokens per row (default 256; --quick 192)")
     ap.add_argument("--micro-batch", type=int, default=8, help="micro-batch = selection pool size (the paper's setting)")
     ap.add_argument("--_memory", choices=["plain", "scoring"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory:
-        print(measure_forward_memory(args._memory, args.quick, args.micro_batch, args.max_length))
+        print(measure_forward_memory(args._memory, args.quick, args.micro_batch, args.max_length or 256))
         return 0
-    rows = args.rows or (128 if args.quick else 64)
+    rows = args.rows or (48 if args.quick else 64)
+    args.max_length = args.max_length or (192 if args.quick else 256)
     with tempfile.TemporaryDirectory(prefix="qtuning-bench-") as tmp:
         epochs = time_epochs(bench_config(args.quick, rows, args.max_length, args.micro_batch, Path(tmp)), Path(tmp))
     full = epochs["full"]["train_seconds"]

@@ -265,7 +265,7 @@ def train(
     # ---- data, model, optimizer
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
-        data = build_sft_dataset(cfg.data, tokenizer)
+        data = build_sft_dataset(cfg.data, tokenizer, progress=progress and accelerator.is_main_process)
     all_ids, all_labels = list(data.dataset["input_ids"]), list(data.dataset["labels"])
     lengths = np.asarray(data.dataset["length"])
     model = load_model(cfg.model)
