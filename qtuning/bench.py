@@ -82,7 +82,7 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
     from qtuning.data import build_sft_dataset
     from qtuning.modeling import load_model, load_tokenizer, tiny_model_config
     from qtuning.scoring import score_tokens
-    from qtuning.train import collate
+    from qtuning.data import collate
 
     mcfg = tiny_model_config() if quick else ModelConfig()
     tok = load_tokenizer(mcfg)

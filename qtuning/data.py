@@ -1,7 +1,7 @@
 """SFT rows -> token sequences whose labels cover the assistant's tokens only.
 
 The pipeline is ``load_rows`` (read, validate, shuffle/limit) -> ``tokenize_rows`` (chat template, labels,
-truncation) -> an ``SFTData`` whose ``fingerprint`` keys caches. ``Collator`` pads a batch.
+truncation) -> an ``SFTData`` whose ``fingerprint`` keys caches. ``collate`` pads a batch.
 
 Two invariants the rest of qtuning relies on:
 
@@ -355,7 +355,7 @@ _FEATURES = datasets.Features(
 
 
 def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) -> SFTData:
-    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for the Collator."""
+    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate``."""
     rows = load_rows(cfg)
     columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress)
     skipped = Counter(rows.skipped) + Counter(dropped)
@@ -402,41 +402,32 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
 # ---- batching ---------------------------------------------------------------------------------------------
 
 
-class Collator:
-    """Right-pads a list of dataset rows into a batch of tensors, masking padding by position.
+@dataclass
+class Batch:
+    """A right-padded batch; padding is masked by position, never by token id (pad = eos in SmolLM2)."""
 
-    Output: ``input_ids``, ``attention_mask``, ``labels`` (B, L) long with -100 on padding; ``response_mask``
-    (B, L) bool = labels != -100; ``sample_ids`` (list of B str); ``index`` (B,) long when the rows carry an
-    ``index`` (their position in the dataset, for per-sample bookkeeping).
-    """
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 on real tokens
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX off the response and on padding
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = None):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad with")
-        self.pad_token_id = int(pad)
-        self.pad_to_multiple_of = pad_to_multiple_of
+    def rows(self, keep: torch.Tensor) -> "Batch":
+        """The rows in `keep`, with the padding columns none of them needs trimmed away."""
+        mask = self.attention_mask[keep]
+        width = int(mask.sum(1).max())  # a host sync: once per pool
+        return Batch(self.input_ids[keep, :width], mask[:, :width], self.labels[keep, :width])
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        lengths = [len(ex["input_ids"]) for ex in examples]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape = (len(examples), width)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (B, L)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (B, L)
-        attention_mask = torch.zeros(shape, dtype=torch.long)  # (B, L)
-        for b, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
-            input_ids[b, :n] = torch.as_tensor(ex["input_ids"])
-            labels[b, :n] = torch.as_tensor(ex["labels"])
-            attention_mask[b, :n] = 1
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "response_mask": labels != IGNORE_INDEX,
-            "sample_ids": [ex["sample_id"] for ex in examples],
-        }
-        if "index" in examples[0]:
-            batch["index"] = torch.as_tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
-        return batch
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+
+def collate(rows_ids: Sequence[Sequence[int]], rows_labels: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Right-pad token rows to the longest one."""
+    width = max(len(r) for r in rows_ids)
+    input_ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)  # (B, T)
+    for b, (ids, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        input_ids[b, : len(ids)] = torch.as_tensor(ids)
+        labels[b, : len(ids)] = torch.as_tensor(lab)
+        attention_mask[b, : len(ids)] = 1
+    return Batch(input_ids, attention_mask, labels)

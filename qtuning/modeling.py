@@ -27,7 +27,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's tokenizer, padding on the right (labels and masks are built for right padding).
 
-    A tokenizer without a pad token pads with eos: the Collator masks padding by position, so the pad id's
+    A tokenizer without a pad token pads with eos: qtuning.data.collate masks padding by position, so the pad id's
     value never matters (SmolLM2 already has pad = eos = ``<|im_end|>``).
     """
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg))

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from qtuning.config import PruningConfig, keep_count
-from qtuning.scoring import IGNORE, MAX_NLL
+from qtuning.data import IGNORE_INDEX as IGNORE
+from qtuning.scoring import MAX_NLL
 
 # Quadrant codes of the EU plane. 0: between the thresholds, in no quadrant.
 Q1_NOISE, Q2_MISCONCEPTION, Q3_MASTERED, Q4_CALIBRATION = 1, 2, 3, 4

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = -100
+from qtuning.data import IGNORE_INDEX as IGNORE
+
 MAX_NLL = 80.0  # exp(80) ~ 5e34 still fits fp32; larger NLLs would make token perplexities inf
 
 
@@ -132,7 +133,7 @@ def score_dataset(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from qtuning.train import collate
+    from qtuning.data import collate
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from qtuning.config import ExperimentConfig, TrainingConfig, load_yaml, with_overrides
 from qtuning.pruning import SAMPLE_RULES, PoolStats, Selection, prune_tokens
-from qtuning.scoring import IGNORE, score_tokens
+from qtuning.data import IGNORE_INDEX as IGNORE, Batch, collate
+from qtuning.scoring import score_tokens
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -60,35 +61,6 @@ def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int, group_by_l
     if group_by_length:
         pools = [pools[i] for i in rng.permutation(len(pools))]
     return pools
-
-
-@dataclass
-class Batch:
-    input_ids: Tensor  # (b, T)
-    attention_mask: Tensor  # (b, T)
-    labels: Tensor  # (b, T)
-
-    def rows(self, keep: Tensor) -> Batch:
-        """The kept rows, with the padding columns none of them needs trimmed away."""
-        mask = self.attention_mask[keep]
-        width = int(mask.sum(1).max())  # right padding: one sync per pool
-        return Batch(self.input_ids[keep, :width], mask[:, :width], self.labels[keep, :width])
-
-    def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
-
-
-def collate(rows_ids: list[list[int]], rows_labels: list[list[int]], pad_id: int) -> Batch:
-    """Right-pad to the longest row; padding is masked by position, never by id (pad = eos in SmolLM2)."""
-    width = max(len(r) for r in rows_ids)
-    ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    mask = torch.zeros_like(ids)
-    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels)):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(r)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return Batch(ids, mask, labels)
 
 
 # --------------------------------------------------------------------------- one pool

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qtuning.config import DataConfig
-from qtuning.data import IGNORE_INDEX, Collator, DataError, build_sft_dataset, fingerprint, load_rows
+from qtuning.data import IGNORE_INDEX, DataError, build_sft_dataset, collate, fingerprint, load_rows
 
 GOOD = {"prompt": "What is 2+2?", "response": "2+2 equals 4."}
 
@@ -217,33 +217,24 @@ def test_fingerprint_is_stable_and_follows_content_and_config(write_jsonl, token
 # ---- collator ---------------------------------------------------------------------------------------------
 
 
-def test_collator_pads_by_position_so_the_final_eos_keeps_its_label(write_jsonl, tokenizer):
+def test_collate_pads_by_position_so_the_final_eos_keeps_its_label(write_jsonl, tokenizer):
     path = write_jsonl(
         [GOOD, {"prompt": "Tell me a long story please.", "response": "Once upon a time there was a fox."}]
     )
     dataset = build(path, tokenizer).dataset
-    dataset = dataset.add_column("index", list(range(len(dataset))))
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos  # the trap this guards against
 
-    batch = Collator(tokenizer)([dataset[0], dataset[1]])
+    batch = collate(dataset["input_ids"], dataset["labels"], tokenizer.pad_token_id)
     n0, n1 = dataset["length"]
     assert n0 < n1
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, n1)
-    short_ids, short_labels = batch["input_ids"][0], batch["labels"][0]
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape == (2, n1)
+    short_ids, short_labels = batch.input_ids[0], batch.labels[0]
     last_eos = n0 - 2  # the row ends "<|im_end|>" "\n"
     assert short_ids[last_eos] == eos and short_labels[last_eos] == eos
     assert (short_ids[n0:] == eos).all() and (short_labels[n0:] == IGNORE_INDEX).all()
-    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0)
-    assert torch.equal(batch["response_mask"], batch["labels"] != IGNORE_INDEX)
-    assert batch["response_mask"].sum().item() == sum(dataset["response_length"])
-    assert batch["sample_ids"] == ["row-0", "row-1"]
-    assert batch["index"].tolist() == [0, 1] and batch["index"].dtype == torch.long
-
-
-def test_collator_pad_to_multiple_and_rows_without_index(write_jsonl, tokenizer):
-    dataset = build(write_jsonl([GOOD]), tokenizer).dataset
-    batch = Collator(tokenizer, pad_to_multiple_of=64)([dataset[0]])
-    assert batch["input_ids"].shape == (1, 64)
-    assert batch["attention_mask"].sum() == dataset[0]["length"]
-    assert "index" not in batch
+    assert batch.attention_mask[0].tolist() == [1] * n0 + [0] * (n1 - n0)
+    assert (batch.labels != IGNORE_INDEX).sum().item() == sum(dataset["response_length"])
+    # selecting the short row trims the padding columns only the long row needed
+    short = batch.rows(torch.tensor([True, False]))
+    assert short.input_ids.shape == (1, n0) and torch.equal(short.labels[0], batch.labels[0, :n0])

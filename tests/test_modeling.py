@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from qtuning import assets
 from qtuning.config import ModelConfig
-from qtuning.data import Collator
+from qtuning.data import collate
 from qtuning.modeling import load_model, resolve_model_path, save_final
 
 
@@ -46,8 +46,8 @@ def test_a_collated_batch_trains_the_tiny_model(tiny_model, tokenizer):
             "labels": [-100, -100, -100, -100, 19556, 17, 2],
         },
     ]
-    batch = Collator(tokenizer)(rows)
-    loss = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    batch = collate([r["input_ids"] for r in rows], [r["labels"] for r in rows], tokenizer.pad_token_id)
+    loss = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
     loss.backward()
     assert torch.isfinite(loss) and tiny_model.model.embed_tokens.weight.grad.abs().sum() > 0
 

@@ -19,7 +19,7 @@ from qtuning.pruning import (
     prune_tokens,
     triage,
 )
-from qtuning.scoring import IGNORE
+from qtuning.data import IGNORE_INDEX as IGNORE
 
 
 def _plane(n_per_quadrant: int = 4, seed: int = 0):

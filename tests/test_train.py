@@ -15,7 +15,8 @@ from accelerate.utils import set_seed
 from qtuning.config import DataConfig, ExperimentConfig, PruningConfig, TrainingConfig
 from qtuning.data import build_sft_dataset
 from qtuning.modeling import load_model, load_tokenizer, tiny_model_config
-from qtuning.train import collate, learn, select_pool, train
+from qtuning.data import collate
+from qtuning.train import learn, select_pool, train
 
 FULL = dict(sample="all", token="all", sample_ratio=1.0, token_ratio=1.0)
 

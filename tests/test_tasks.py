@@ -1,0 +1,240 @@
+"""Pipeline pieces without a Prefect server: configs, the `qtuning run` CLI, cache keys, MLflow helpers, and the
+training task's subprocess (launch, metric streaming, resume) called through `task.fn`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prefect.logging import disable_run_logger
+
+from qtuning.config import FULL_DATA, ArmConfig, CompareConfig, ConfigError, DataConfig, ExperimentConfig, PipelineConfig, TrainingConfig, validate
+from qtuning.modeling import tiny_model_config
+from qtuning.run_cli import build_config, build_parser, main, parse_arm
+from tasks import caching, data as data_tasks, training, tracking
+
+QT = {"sample": "qtuning", "token": "qtuning", "sample_ratio": 0.25, "token_ratio": 0.5}
+
+
+# --------------------------------------------------------------------------- configs
+def test_compare_config_reports_every_problem_with_its_path():
+    raw = {
+        "arms": [
+            {"name": "a", "pruning": QT},
+            {"name": "a", "pruning": {**QT, "sample_ratio": 0.99}},
+        ],
+        "pipeline": {"zero_shot": True},
+        "model": {"random_init": True},
+    }
+    with pytest.raises(ConfigError) as e:
+        validate(CompareConfig, raw)
+    msg = str(e.value)
+    assert "names must be unique, a repeat" in msg
+    assert "no full-data arm" in msg and "sample: all, token: all" in msg
+    assert "pipeline.zero_shot: true needs pretrained weights" in msg
+    assert "arms[1] (a): pool of 8 samples at pruning.sample_ratio=0.99 keeps every row" in msg
+
+
+def test_static_arm_needs_the_quadrant_triage():
+    with pytest.raises(ValueError, match="mode: static triages the data set on the EU plane"):
+        ArmConfig(name="s", mode="static", pruning={"sample": "random", "token": "all", "token_ratio": 1.0})
+
+
+def test_multi_process_training_needs_accelerate():
+    with pytest.raises(ValueError, match="pipeline.launcher: accelerate"):
+        PipelineConfig(num_processes=2, launcher="python")
+
+
+def test_compare_config_yaml_round_trip(tmp_path):
+    cfg = CompareConfig(arms=[ArmConfig(name="full", pruning=FULL_DATA), ArmConfig(name="s", mode="static", pruning=QT)])
+    assert CompareConfig.load(cfg.save(tmp_path / "c.yaml")) == cfg
+
+
+# --------------------------------------------------------------------------- qtuning run
+def test_run_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in out
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+
+
+def test_run_options_override_the_config_file_and_set_overrides_both(tmp_path):
+    base = CompareConfig(data=DataConfig(limit=10)).save(tmp_path / "c.yaml")
+    args = build_parser().parse_args([
+        "--config", str(base), "--rows", "32", "--sample-ratio", "0.5", "--arm", "rnd=random/random/0.25/0.5",
+        "--eval-limit", "3", "--set", "training.lr=0.001", "pipeline.zero_shot=true",
+    ])
+    cfg = build_config(args)
+    assert cfg.data.limit == 32 and cfg.evaluation.limit == 3 and cfg.training.lr == 0.001 and cfg.pipeline.zero_shot
+    assert [a.name for a in cfg.arms] == ["full", "qtuning-25x50", "rnd"]
+    assert cfg.arm("qtuning-25x50").pruning.sample_ratio == 0.5 and cfg.arm("full").pruning.sample_ratio == 1.0
+
+
+def test_run_refuses_bad_options_before_anything_loads(capsys):
+    assert main(["--arm", "x=qtuning/qtuning/half/0.5"]) == 2
+    assert "RS and RT must be numbers" in capsys.readouterr().err
+    assert main(["--only-arms", "qtuning-25x50"]) == 2
+    assert "no full-data arm" in capsys.readouterr().err
+    assert parse_arm("s=qtuning/qtuning/0.25/0.5/static")["mode"] == "static"
+
+
+def test_print_config_is_valid_yaml_of_the_default(capsys):
+    assert main(["--print-config"]) == 0
+    import yaml
+
+    assert validate(CompareConfig, yaml.safe_load(capsys.readouterr().out)) == CompareConfig()
+
+
+# --------------------------------------------------------------------------- cache keys
+def _experiment(tmp_path: Path, **pruning) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="arm", model=tiny_model_config(), data=DataConfig(source="arc", limit=16, max_length=96),
+        pruning={**QT, **pruning}, training=TrainingConfig(micro_batch_size=8, output_dir=str(tmp_path / "ignored")),
+    )
+
+
+def _train_key(cfg: ExperimentConfig, pipeline: PipelineConfig) -> str:
+    return caching.stage_key(training._ingredients(cfg, None, pipeline), training.CACHE.modules, training.CACHE.packages, training.train.fn)
+
+
+def test_train_key_follows_the_inputs_that_matter(tmp_path):
+    pipe = PipelineConfig(runs_dir=str(tmp_path))
+    key = _train_key(_experiment(tmp_path), pipe)
+    assert _train_key(_experiment(tmp_path), pipe) == key  # stable
+    assert _train_key(_experiment(tmp_path, lam=0.3), pipe) != key  # a pruning field
+    assert _train_key(_experiment(tmp_path), pipe.model_copy(update={"num_processes": 2})) != key  # world size
+    moved = _experiment(tmp_path).model_copy(update={"training": TrainingConfig(micro_batch_size=8, output_dir="/elsewhere")})
+    assert _train_key(moved, pipe) == key  # the output folder is derived from the key, not part of it
+    assert _train_key(_experiment(tmp_path), pipe.model_copy(update={"progress": False})) == key
+
+
+def test_data_key_ignores_pruning_but_follows_the_source_file(tmp_path, write_jsonl):
+    pipe = PipelineConfig(runs_dir=str(tmp_path))
+    path = write_jsonl([{"prompt": "a", "response": "b"}])
+    data = DataConfig(source=str(path))
+    key = lambda: caching.stage_key(data_tasks._ingredients(data, tiny_model_config(), pipe), (), (), data_tasks.prepare_data.fn)  # noqa: E731
+    before = key()
+    path.write_text(json.dumps({"prompt": "a", "response": "c"}) + "\n")
+    assert key() != before
+
+
+def test_library_fingerprint_changes_with_the_code(tmp_path, monkeypatch):
+    a = caching.library_fingerprint(("qtuning.config",), ("torch",))
+    b = caching.library_fingerprint(("qtuning.config", "qtuning.pruning"), ("torch",))
+    assert a != b and len(a) == 64
+
+
+def test_forget_makes_a_cached_record_absent(tmp_path):
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)))
+    store.persist_result_record(store.create_result_record({"x": 1}, key="k"))
+    assert store.exists("k")
+    caching.forget(SimpleNamespace(result_store=store), "k")
+    assert not store.exists("k")
+
+
+# --------------------------------------------------------------------------- MLflow helpers
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == tracking.default_tracking_uri()
+    assert tracking.default_tracking_uri().endswith("/mlflow/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/y.db")
+    assert tracking.resolve_tracking_uri() == "sqlite:////x/y.db"
+    assert tracking.resolve_tracking_uri("http://server:5000") == "http://server:5000"
+    assert tracking.artifact_root("sqlite:////x/y.db") == "file:///x/artifacts"
+
+
+def test_failed_block_ends_the_run_failed_and_keeps_its_metrics(tracking_uri):
+    run = tracking.create_run(tracking_uri, "unit", "boom")
+    with pytest.raises(RuntimeError):
+        with tracking.run_status(run):
+            tracking.log_metrics(run, {"train/loss": 1.5}, step=1)
+            raise RuntimeError("step failed")
+    r = run.client.get_run(run.run_id)
+    assert r.info.status == "FAILED" and r.data.metrics["train/loss"] == 1.5
+    assert r.data.tags["qtuning.version"]
+
+
+def test_metrics_file_is_logged_once_per_step(tracking_uri, tmp_path):
+    run = tracking.create_run(tracking_uri, "unit", "sync")
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train/loss": 3.0 - s, "prune/q2": 1}) + "\n" for s in (1, 2)))
+    logged: set[int] = set()
+    training._sync_metrics(run, path, logged)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": 3, "train/loss": 0.5}) + "\n" + '{"step": 4, "train/lo')  # a line being written
+    training._sync_metrics(run, path, logged)
+    training._sync_metrics(run, path, tracking.metric_steps(run, "train/loss"))  # a replay adds nothing
+    history = run.client.get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]
+
+
+# --------------------------------------------------------------------------- the training subprocess
+def test_launch_commands(tmp_path):
+    cfg = _experiment(tmp_path)
+    acc = training.launch_command(Path("r.yaml"), cfg, PipelineConfig(num_processes=2), resume=True)
+    assert acc[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in acc
+    assert acc[acc.index("--num_processes") + 1] == "2" and acc[-4:] == ["qtuning.train", "--config", "r.yaml", "--resume"]
+    py = training.launch_command(Path("r.yaml"), cfg, PipelineConfig(launcher="python", progress=False), resume=False)
+    assert py[1:] == ["-m", "qtuning.train", "--config", "r.yaml", "--no-progress"]
+    env = training.launch_env(tracking.RunRef(run_id="abc", experiment_id="0", tracking_uri="sqlite:///x.db", name="n"), PipelineConfig(num_processes=2))
+    assert env["MLFLOW_RUN_ID"] == "abc" and env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db" and env["ACCELERATE_USE_CPU"] == "true"
+
+
+def test_train_task_streams_metrics_and_resumes_from_the_last_checkpoint(tmp_path, tracking_uri):
+    cfg = _experiment(tmp_path)
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 2.0, "checkpoint_every_steps": 1})})
+    pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
+    run = tracking.create_run(tracking_uri, "unit", "train")
+    with disable_run_logger():
+        first = training.train.fn(cfg, run, pipe)
+    assert first.summary["optimizer_steps"] == 4 and not first.resumed
+    assert Path(first.final_dir, "config.json").exists()
+    assert first.output_dir.startswith(str(tmp_path / "runs" / "train" / "arm-"))
+    history = run.client.get_metric_history(run.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert "prune/kept_samples" in run.client.get_run(run.run_id).data.metrics
+
+    # a crash after step 3: the final model, the summary and the last checkpoint are gone
+    out = Path(first.output_dir)
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    with disable_run_logger():
+        again = training.train.fn(cfg, run, pipe)
+    assert again.resumed and again.output_dir == first.output_dir
+    assert again.summary["optimizer_steps"] == 4 and Path(again.final_dir, "config.json").exists()
+    lines = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4]
+    assert len(run.client.get_metric_history(run.run_id, "train/loss")) == 4  # step 4 not logged twice
+
+
+def test_train_task_reports_the_subprocess_failure(tmp_path):
+    cfg = _experiment(tmp_path)
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"precision": "bf16"})})  # no GPU here
+    pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
+    with disable_run_logger(), pytest.raises(RuntimeError, match=r"exited with code 1(.|\n)*bf16 needs a GPU"):
+        training.train.fn(cfg, None, pipe)
+
+
+@pytest.mark.slow
+def test_train_task_launches_two_cpu_processes_with_accelerate(tmp_path):
+    cfg = _experiment(tmp_path)
+    pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), num_processes=2, progress=False)
+    with disable_run_logger():
+        record = training.train.fn(cfg, None, pipe)
+    assert record.summary["world_size"] == 2 and Path(record.final_dir, "config.json").exists()
