@@ -313,3 +313,173 @@ def keep_count(pool: int, ratio: float) -> int:
     """K = max(1, round(b * r_s)): rows a pool keeps."""
     return max(1, round(pool * ratio))
 
+
+
+# ---- comparisons: the pipeline's arms, evaluation and orchestration ---------------------------------------
+# EvalConfig lives in qtuning.evaluate for now (it imports nothing heavy at module level).
+from qtuning.evaluate import EvalConfig  # noqa: E402
+
+FULL_DATA = {"sample": "all", "token": "all", "sample_ratio": 1.0, "token_ratio": 1.0}
+
+
+class ArmConfig(_Frozen):
+    """One arm of a comparison: a pruning recipe trained on the comparison's shared model, data and steps."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Arm name: the MLflow child run, the table row and part of the output folder "
+        "(letters, digits, '.', '_', '-').",
+    )
+    pruning: PruningConfig = Field(PruningConfig(), description="Sample and token rules of this arm.")
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic: every pool is re-scored by the model being trained (the paper); static: the base "
+        "model's EU scores triage the whole data set once and the kept rows train whole, with the same number of "
+        "optimizer steps and trained samples (micro-batch scaled by sample_ratio). Token pruning is dynamic only.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ArmConfig:
+        if self.mode == "static" and self.pruning.sample != "qtuning":
+            raise ValueError(
+                f"arm {self.name!r}: mode: static triages the data set on the EU plane, so it needs "
+                f"pruning.sample: qtuning (got {self.pruning.sample}); use mode: dynamic for this rule"
+            )
+        return self
+
+    @property
+    def is_full_data(self) -> bool:
+        return self.pruning.is_full_data
+
+
+def _default_arms() -> list[ArmConfig]:
+    return [
+        ArmConfig(name="full", pruning=PruningConfig(**FULL_DATA)),
+        ArmConfig(name="qtuning-25x50", pruning=PruningConfig(sample="qtuning", token="qtuning", sample_ratio=0.25, token_ratio=0.5)),
+    ]
+
+
+class PipelineConfig(_Frozen):
+    """How the Prefect pipeline runs the stages and where it keeps their outputs and records."""
+
+    runs_dir: str = Field(
+        "runs",
+        description="Folder for every stage's outputs (tokenized data, EU scores, plans, checkpoints, evaluations), "
+        "one sub-folder per content hash; relative paths resolve against the working directory.",
+    )
+    launcher: Literal["accelerate", "python"] = Field(
+        "accelerate",
+        description="How training starts: `accelerate launch -m qtuning.train` (DDP/FSDP via training.accelerate_config) "
+        "or `python -m qtuning.train` (one process).",
+    )
+    num_processes: int = Field(
+        1, ge=1, description="Training processes (accelerate launch --num_processes); on CPU, >1 runs gloo DDP."
+    )
+    train_retries: int = Field(
+        1, ge=0, description="Prefect retries of a failed training run; each one resumes from the last checkpoint."
+    )
+    score_batch_size: int = Field(8, ge=1, description="Rows per forward of the static EU pass.")
+    token_view_samples: int = Field(
+        4, ge=0, description="Q2 samples shown in each pruned arm's HTML view of pruned tokens (0: no view)."
+    )
+    zero_shot: bool = Field(
+        False, description="Also evaluate the untrained model as a 'zero-shot' row of the comparison."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a SQLite store and artifact folder "
+        "under the repository's mlflow/ (see mlflow/tracking.yaml).",
+    )
+    experiment_name: str = Field("qtuning", min_length=1, description="MLflow experiment the runs are filed under.")
+    progress: bool = Field(True, description="Progress bars on the terminal (training, scoring, evaluation).")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if self.num_processes > 1 and self.launcher == "python":
+            raise ValueError(
+                f"pipeline.num_processes={self.num_processes} needs pipeline.launcher: accelerate "
+                "(python -m qtuning.train runs one process)"
+            )
+        return self
+
+
+class CompareConfig(_Frozen):
+    """A comparison: full-data SFT and pruned arms on the same model, data, steps and evaluation.
+
+    The defaults are the embedded main job (`qtuning run`): SmolLM2-135M-Instruct, 64 ShareGPT rows of at
+    most 256 tokens, 8 optimizer steps of 8 rows, full data vs Q-Tuning 25%x50%, 10 items of each of the
+    five benchmarks: about a quarter of an hour on a 2-core CPU.
+    """
+
+    name: str = Field("compare", min_length=1, description="Comparison name (the MLflow parent run).")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(limit=64, max_length=256)
+    training: TrainingConfig = TrainingConfig(epochs=1.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
+    arms: list[ArmConfig] = Field(
+        default_factory=_default_arms,
+        min_length=1,
+        description="The arms; one must be full data (pruning.sample: all, token: all), the baseline of ratio_to_full.",
+    )
+    evaluation: EvalConfig = EvalConfig(limit=10)
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        problems = []
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"arms: names must be unique, {', '.join(dupes)} repeat(s); rename the arms")
+        if self.pipeline.zero_shot and "zero-shot" in names:
+            problems.append("arms: 'zero-shot' is the row of pipeline.zero_shot: true; rename that arm")
+        if not any(a.is_full_data for a in self.arms):
+            problems.append(
+                "arms: no full-data arm, the baseline of ratio_to_full; add "
+                "{name: full, pruning: {sample: all, token: all, sample_ratio: 1.0, token_ratio: 1.0}}"
+            )
+        if self.pipeline.zero_shot and self.model.random_init:
+            problems.append("pipeline.zero_shot: true needs pretrained weights; set model.random_init: false or zero_shot: false")
+        for i, arm in enumerate(self.arms):
+            try:
+                self.experiment(arm)
+            except (ValidationError, ValueError) as e:
+                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+                problems.append(f"arms[{i}] ({arm.name}): {msg.removeprefix('Value error, ')}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def baseline_arm(self) -> ArmConfig:
+        """The first full-data arm: the denominator of ratio_to_full."""
+        return next(a for a in self.arms if a.is_full_data)
+
+    @property
+    def reference_arm(self) -> ArmConfig:
+        """The first pruned arm (else the baseline): its ratio and entropy scope draw the parent run's EU plane."""
+        return next((a for a in self.arms if not a.is_full_data), self.baseline_arm)
+
+    def arm(self, name: str) -> ArmConfig:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(f"no arm {name!r}; arms: {', '.join(a.name for a in self.arms)}")
+
+    def experiment(self, arm: ArmConfig) -> ExperimentConfig:
+        """The single run an arm trains: the shared model, data and training with the arm's pruning."""
+        return ExperimentConfig(name=arm.name, model=self.model, data=self.data, pruning=arm.pruning, training=self.training)
+
+    # ---- YAML round trip -------------------------------------------------
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompareConfig:
+        return load_yaml(cls, path)

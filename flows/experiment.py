@@ -1,0 +1,57 @@
+"""One configuration end to end: prepare -> score -> prune -> train -> evaluate, tracked in one MLflow run.
+
+    from flows.experiment import experiment
+    experiment(ExperimentConfig.load("run.yaml"), EvalConfig(limit=50))
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from qtuning.config import ExperimentConfig, ModelConfig, PipelineConfig
+from qtuning.evaluate import EvalConfig
+from tasks.comparison import arm_result
+from tasks.data import fetch_assets, log_data, prepare_data
+from tasks.evaluation import evaluate, log_evaluation
+from tasks.pruning import log_plan, prune
+from tasks.records import ArmResult
+from tasks.runs import open_run
+from tasks.scoring import score_eu
+from tasks.tracking import RunRef, run_status
+from tasks.training import log_training, train
+
+
+@flow(name="experiment", flow_run_name="experiment-{config.name}")
+def experiment(
+    config: ExperimentConfig,
+    evaluation: EvalConfig = EvalConfig(),
+    pipeline: PipelineConfig = PipelineConfig(),
+    mode: Literal["dynamic", "static"] = "dynamic",
+    parent: RunRef | None = None,
+) -> ArmResult:
+    """Train and benchmark one configuration; its MLflow run is a child of `parent` when given."""
+    run = open_run(config.name, pipeline, config, parent=parent, kind="arm")
+    with run_status(run):
+        fetch_assets(config.model, config.data, evaluation)
+        data = prepare_data(config.data, config.model, pipeline)
+        log_data(run, data)
+        scores = score_eu(data, config.model, pipeline, config.pruning.entropy_scope, config.training.seed)
+        plan = prune(config, mode, data, scores, pipeline)
+        log_plan(run, plan)
+        trained = train.with_options(retries=pipeline.train_retries)(plan.experiment, run, pipeline)
+        log_training(run, trained)
+        evaluated = evaluate(trained.final_dir, evaluation, pipeline)
+        log_evaluation(run, evaluated, evaluation)
+        return arm_result(config.name, run, evaluated, trained)
+
+
+@flow(name="zero-shot")
+def zero_shot(model: ModelConfig, evaluation: EvalConfig, pipeline: PipelineConfig, parent: RunRef | None = None) -> ArmResult:
+    """Benchmark the untrained model: the comparison's 'zero-shot' row."""
+    run = open_run("zero-shot", pipeline, model, parent=parent, kind="zero-shot")
+    with run_status(run):
+        evaluated = evaluate(model.name, evaluation, pipeline)
+        log_evaluation(run, evaluated, evaluation)
+        return arm_result("zero-shot", run, evaluated)

@@ -1,0 +1,178 @@
+"""Framework-free steps between the engine and the pipeline: pruning plans, static pruning, token views.
+
+The Prefect tasks in `tasks/` call these and log what they return; nothing here knows Prefect or MLflow.
+
+- `pruning_plan(cfg, scores)`: what an arm will do, in numbers (pool, K, steps, the base model's quadrants).
+- `static_selection(scores, pruning)` and `write_static_dataset(...)`: a static arm's kept rows, triaged once
+  on the whole set with the base model's EU scores, written as a chat JSONL that `qtuning.data` reads back
+  with the same sample ids; `static_experiment(...)` is the run that trains on it.
+- `token_view(...)`: which response tokens the arm's token rule prunes in a few samples, for the HTML view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from qtuning.config import FULL_DATA, ExperimentConfig, PruningConfig, keep_count
+from qtuning.pruning import Q2_MISCONCEPTION, Selection, prune_tokens
+from qtuning.report import eu_thresholds, eu_triage, quadrant_shares
+
+
+def pruning_plan(cfg: ExperimentConfig, scores: pd.DataFrame | None, mode: str = "dynamic", world: int = 1) -> dict[str, Any]:
+    """The plan of one arm: rules, budgets, optimizer steps, and where the base model puts the data."""
+    from qtuning.train import plan_steps
+
+    p, n = cfg.pruning, (len(scores) if scores is not None else None)
+    plan: dict[str, Any] = {
+        "arm": cfg.name,
+        "mode": mode,
+        "sample_rule": p.sample,
+        "token_rule": p.token,
+        "sample_ratio": p.sample_ratio,
+        "token_ratio": p.token_ratio,
+        "lam": p.lam,
+        "token_budget": p.token_budget,
+        "pool_size": cfg.pool_size,
+        "kept_per_pool": cfg.pool_size if p.sample == "all" else keep_count(cfg.pool_size, p.sample_ratio),
+        "train_on": p.train_on,
+        "rows": n,
+    }
+    if n:
+        pools_per_epoch, total_pools, steps = plan_steps(n, cfg, world)
+        plan.update(pools_per_epoch=pools_per_epoch, total_pools=total_pools, optimizer_steps=steps)
+    if scores is not None and p.sample == "qtuning":
+        t = eu_triage(scores, p.sample_ratio, p.bisect_iters, p.bisect_tol)
+        shares = quadrant_shares(t)
+        plan["base_model_quadrants"] = shares
+        plan["base_model_thresholds"] = eu_thresholds(scores, t.alpha)
+        # loss tokens a pruned arm keeps of the response tokens, if every pool looked like the whole set
+        resp = scores["response_length"].to_numpy(dtype=float)
+        kept_q2 = t.keep & (t.quadrant == Q2_MISCONCEPTION)
+        kept_tokens = np.ceil(p.token_ratio * resp[kept_q2] - 1e-9).sum() + resp[t.keep & ~kept_q2].sum()
+        if p.token == "all":
+            kept_tokens = resp[t.keep].sum()
+        plan["expected_loss_token_share"] = float(kept_tokens / max(resp.sum(), 1.0))
+    return plan
+
+
+# --------------------------------------------------------------------------- static pruning
+def static_selection(scores: pd.DataFrame, pruning: PruningConfig) -> pd.DataFrame:
+    """Triage the whole scored set once at `pruning.sample_ratio`: sample_id, quadrant, keep, q2."""
+    t = eu_triage(scores, pruning.sample_ratio, pruning.bisect_iters, pruning.bisect_tol)
+    return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "keep": t.keep, "q2": t.q2})
+
+
+def write_static_dataset(cfg: ExperimentConfig, kept_ids: list[str], path: Path) -> int:
+    """The kept rows of `cfg.data`, as {"id", "messages"} JSON lines in the source's order; returns the count."""
+    from qtuning.data import load_rows
+
+    wanted = set(kept_ids)
+    rows = load_rows(cfg.data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for ex in rows.examples:
+            if ex.sample_id in wanted:
+                f.write(json.dumps({"id": ex.sample_id, "messages": ex.messages}, ensure_ascii=False) + "\n")
+                n += 1
+    tmp.replace(path)
+    return n
+
+
+def static_experiment(cfg: ExperimentConfig, data_path: Path) -> ExperimentConfig:
+    """The run a static arm trains: its kept rows, whole (no further pruning), with a micro-batch scaled by
+    the sample ratio, so it takes the full-data arm's number of optimizer steps and trains as many rows."""
+    ratio = cfg.pruning.sample_ratio
+    data = cfg.data.model_copy(
+        update={"source": str(data_path), "format": "messages", "messages_field": "messages", "id_field": "id", "limit": None}
+    )
+    training = cfg.training.model_copy(update={"micro_batch_size": max(1, round(cfg.training.micro_batch_size * ratio))})
+    raw = cfg.model_dump(mode="json")
+    raw.update(data=data.model_dump(mode="json"), training=training.model_dump(mode="json"))
+    raw["pruning"] = {**raw["pruning"], **FULL_DATA, "token_budget": "per_sample"}
+    return ExperimentConfig.model_validate(raw)
+
+
+# --------------------------------------------------------------------------- pruned tokens of a few samples
+def token_view(
+    model,
+    tokenizer,
+    dataset,
+    scores: pd.DataFrame,
+    pruning: PruningConfig,
+    n_samples: int = 4,
+    chunk_tokens: int = 2048,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Prompt, kept and pruned tokens of up to `n_samples` rows under the arm's token rule, scored by `model`.
+
+    Rows: the Q2 rows of the whole-set triage for sample rule qtuning (the rows Q-Tuning token-prunes), else
+    the first rows. Each row keeps ceil(token_ratio * T) of its T response tokens (the per_sample budget;
+    a batch_global arm's budget depends on its pools and is shown per row).
+    """
+    import torch
+
+    from qtuning.data import collate
+    from qtuning.scoring import IGNORE, score_tokens
+
+    if pruning.token == "all" or n_samples == 0:
+        return []
+    order = {sid: i for i, sid in enumerate(dataset["sample_id"])}
+    t = eu_triage(scores, pruning.sample_ratio, pruning.bisect_iters, pruning.bisect_tol) if pruning.sample == "qtuning" else None
+    if t is not None:
+        candidates = scores["sample_id"].to_numpy()[t.q2]
+        quadrant = dict(zip(scores["sample_id"], t.quadrant))
+    else:
+        candidates, quadrant = scores["sample_id"].to_numpy(), {}
+    picked = [sid for sid in candidates if sid in order][:n_samples]
+    if not picked:
+        return []
+    idx = [order[sid] for sid in picked]
+    rows = dataset.select(idx)
+    batch = collate(list(rows["input_ids"]), list(rows["labels"]), tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sc = score_tokens(
+        model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device),
+        entropy_scope=pruning.entropy_scope, chunk_tokens=chunk_tokens,
+    )
+    model.train(was_training)
+    every = torch.ones(len(idx), dtype=torch.bool)
+    sel = Selection(keep=every, prune_tokens=every.clone(), weight=torch.ones(len(idx)))
+    view_cfg = pruning.model_copy(update={"token_budget": "per_sample"})
+    gen = torch.Generator().manual_seed(seed)
+    pruned = prune_tokens(batch.labels.to(device), sc.nll, batch.attention_mask.to(device), sel, view_cfg, gen).cpu()
+    nll, ppl_rows, ent_rows = sc.nll.cpu(), sc.sample_ppl().cpu().tolist(), sc.sample_ent().cpu().tolist()
+    response = sc.response_mask.cpu()
+    out = []
+    for r, sid in enumerate(picked):
+        length = int(batch.attention_mask[r].sum())
+        ids = batch.input_ids[r, :length].tolist()
+        roles, token_ppl = [], []
+        for pos in range(length):
+            if not bool(response[r, pos]):
+                roles.append("prompt")
+                token_ppl.append(None)
+            else:
+                roles.append("pruned" if int(pruned[r, pos]) == IGNORE else "kept")
+                token_ppl.append(float(math.exp(min(float(nll[r, pos]), 80.0))))
+        out.append(
+            {
+                "sample_id": sid,
+                "tokens": [tokenizer.decode([i]) for i in ids],
+                "roles": roles,
+                "token_ppl": token_ppl,
+                "ppl": ppl_rows[r],
+                "ent": ent_rows[r],
+                "quadrant": int(quadrant.get(sid, 0)),
+            }
+        )
+    return out

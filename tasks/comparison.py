@@ -1,0 +1,59 @@
+"""The comparison table: every arm's benchmarks, average, ratio to full-data SFT, loss tokens, training time."""
+
+from __future__ import annotations
+
+import math
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from qtuning.report import comparison_table, format_table
+from tasks.records import ArmResult, ComparisonResult, EvalRecord, TrainRecord
+from tasks.tracking import RunRef, log_metrics, log_text, set_tags, ui_command
+
+
+@task(name="arm_result", cache_policy=NO_CACHE)
+def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainRecord | None = None) -> ArmResult:
+    """One row of the table from an arm's training and evaluation records."""
+    return ArmResult(
+        name=name,
+        run_id=run.run_id,
+        scores=evaluated.scores,
+        average=evaluated.average,
+        loss_tokens=int(trained.summary["loss_tokens"]) if trained else 0,
+        train_seconds=float(trained.summary["train_seconds"]) if trained else 0.0,
+        final_dir=trained.final_dir if trained else None,
+        eval_results_path=evaluated.results_path,
+    )
+
+
+@task(name="compare_arms", cache_policy=NO_CACHE)
+def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> ComparisonResult:
+    """Build the table, log it to the parent run (text, Markdown, MLflow table, metrics) and return it."""
+    log = get_run_logger()
+    table = comparison_table([a.model_dump() for a in arms], baseline=baseline)
+    text, markdown = format_table(table), format_table(table, markdown=True)
+    log.info("comparison:\n" + text)
+    rows = []
+    for a in arms:
+        r = table.loc[a.name]
+        row = {"name": a.name, "run_id": a.run_id, "scores": dict(a.scores), **dict(a.scores),
+               "average": a.average, "ratio_to_full": _num(r["ratio_to_full"]),
+               "loss_tokens": a.loss_tokens, "train_seconds": a.train_seconds, "final_dir": a.final_dir}
+        rows.append(row)
+        log_metrics(parent, {f"compare/{a.name}/average": a.average, f"compare/{a.name}/ratio_to_full": row["ratio_to_full"] or math.nan,
+                             f"compare/{a.name}/loss_tokens": a.loss_tokens, f"compare/{a.name}/train_seconds": a.train_seconds,
+                             **{f"compare/{a.name}/{b}": s for b, s in a.scores.items()}})
+    log_text(parent, text + "\n", "comparison/table.txt")
+    log_text(parent, markdown + "\n", "comparison/table.md")
+    parent.client.log_table(parent.run_id, data=table.reset_index(), artifact_file="comparison/table.json")
+    set_tags(parent, {"mlflow.note.content": f"Comparison of {len(arms)} arms (baseline: {baseline})\n\n{markdown}"})
+    return ComparisonResult(
+        name=parent.name, parent_run_id=parent.run_id, experiment_id=parent.experiment_id, tracking_uri=parent.tracking_uri,
+        ui_command=ui_command(parent.tracking_uri), arms=rows, table=text, table_markdown=markdown,
+    )
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v

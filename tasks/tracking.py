@@ -1,0 +1,280 @@
+"""MLflow plumbing shared by the tasks: where the store is, explicit run ids, small logging helpers.
+
+Every call names its run id and tracking URI (a `RunRef`); nothing relies on MLflow's thread-local active
+run, which does not cross tasks, threads or the training subprocess.
+
+Where runs go, first match wins: `pipeline.tracking_uri`, `$MLFLOW_TRACKING_URI`, else the store described
+by `mlflow/tracking.yaml` (a SQLite file and an artifact folder under the repository's `mlflow/`).
+
+    python -m tasks.tracking [mlflow ui options]    # open the UI on that store (mlflow/ui.sh does the same)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def mlflow_dir() -> Path:
+    """The folder with tracking.yaml: the repository's mlflow/, else ./mlflow (an installed package)."""
+    repo = REPO_ROOT / "mlflow"
+    return repo if (repo / "tracking.yaml").exists() else Path.cwd() / "mlflow"
+
+
+def _store_settings() -> dict[str, str]:
+    path = mlflow_dir() / "tracking.yaml"
+    settings = {"backend_store": "mlflow.db", "artifact_root": "artifacts"}
+    if path.exists():
+        settings.update(yaml.safe_load(path.read_text()) or {})
+    return settings
+
+
+def default_tracking_uri() -> str:
+    return "sqlite:///" + str((mlflow_dir() / _store_settings()["backend_store"]).resolve())
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """`configured` (pipeline.tracking_uri), else $MLFLOW_TRACKING_URI, else the repository's SQLite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite store (artifacts/), the server's choice otherwise."""
+    if uri == default_tracking_uri():
+        return (mlflow_dir() / _store_settings()["artifact_root"]).resolve().as_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(unquote(uri[len("sqlite:///") :]))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+
+
+@lru_cache(maxsize=8)
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(unquote(uri[len("sqlite:///") :])).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+class RunRef(BaseModel):
+    """An MLflow run, by explicit id: what tasks pass each other instead of an active run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    name: str
+
+    @property
+    def client(self):
+        return client(self.tracking_uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:  # created meanwhile by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with '-dirty' when tracked files differ from it; None outside git."""
+    git = shutil.which("git")
+    if not git or not (REPO_ROOT / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run([git, "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([git, "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def create_run(uri: str, experiment: str, name: str, parent: RunRef | None = None, tags: Mapping[str, str] | None = None) -> RunRef:
+    """A new RUNNING run (a child of `parent` when given), tagged with the git commit and qtuning's version."""
+    import qtuning
+
+    all_tags = {"qtuning.version": qtuning.__version__, "mlflow.source.name": "qtuning"}
+    if (commit := git_commit()) is not None:
+        all_tags["mlflow.source.git.commit"] = commit
+        all_tags["git_commit"] = commit
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id
+    all_tags.update(tags or {})
+    exp_id = experiment_id(uri, experiment)
+    run = client(uri).create_run(exp_id, run_name=name, tags=all_tags)
+    return RunRef(run_id=run.info.run_id, experiment_id=exp_id, tracking_uri=uri, name=name)
+
+
+def end_run(ref: RunRef, status: str = "FINISHED") -> None:
+    ref.client.set_terminated(ref.run_id, status)
+
+
+@contextlib.contextmanager
+def run_status(ref: RunRef) -> Iterator[RunRef]:
+    """FINISHED when the block completes, FAILED (keeping everything logged so far) when it raises."""
+    try:
+        yield ref
+    except BaseException:
+        with contextlib.suppress(Exception):
+            end_run(ref, "FAILED")
+        raise
+    end_run(ref, "FINISHED")
+
+
+# --------------------------------------------------------------------------- logging helpers
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'training': {'lr': 1e-4}} -> {'training.lr': 1e-4}; lists become JSON strings."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def log_params(ref: RunRef, params: Mapping[str, Any]) -> None:
+    """Log params, skipping keys already logged with the same value (MLflow refuses to change a param)."""
+    from mlflow.entities import Param
+
+    existing = ref.client.get_run(ref.run_id).data.params
+    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if existing.get(k) != str(v)[:MAX_PARAM_CHARS]]
+    for i in range(0, len(items), 100):
+        ref.client.log_batch(ref.run_id, params=items[i : i + 100])
+
+
+def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = timestamp_ms or int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), 500):
+        ref.client.log_batch(ref.run_id, metrics=items[i : i + 500])
+
+
+def set_tags(ref: RunRef, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    ref.client.log_batch(ref.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(ref: RunRef, path: str | Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    if path.is_dir():
+        ref.client.log_artifacts(ref.run_id, str(path), artifact_path)
+    else:
+        ref.client.log_artifact(ref.run_id, str(path), artifact_path)
+
+
+def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
+    ref.client.log_text(ref.run_id, text, artifact_file)
+
+
+def log_dict(ref: RunRef, obj: Any, artifact_file: str) -> None:
+    ref.client.log_dict(ref.run_id, obj, artifact_file)
+
+
+def log_config(ref: RunRef, cfg: BaseModel, artifact_file: str, prefix: str = "") -> None:
+    """The config as params (flattened dotted keys) and as the YAML file it round-trips through."""
+    from qtuning.config import dump_yaml
+
+    log_params(ref, flatten(cfg, prefix))
+    log_text(ref, dump_yaml(cfg), artifact_file)
+
+
+def log_dataset(ref: RunRef, df, name: str, source: str, context: str, digest: str | None = None) -> None:
+    """A table (pandas) as an MLflow dataset input of the run, with its source and a context tag."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36] if digest else None)
+        entity = ds._to_mlflow_entity()
+    ref.client.log_inputs(ref.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+@contextlib.contextmanager
+def system_metrics(ref: RunRef | None, interval_s: float = 5.0) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, GPU when present) sampled into `ref` while the block runs."""
+    if ref is None:
+        yield
+        return
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(ref.run_id, sampling_interval=interval_s, samples_before_logging=1, tracking_uri=ref.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def metric_steps(ref: RunRef, key: str) -> set[int]:
+    """Steps at which `key` was already logged in the run (to replay a metrics file without duplicates)."""
+    return {m.step for m in ref.client.get_metric_history(ref.run_id, key)}
+
+
+def tmp_artifact(ref: RunRef, name: str, writer) -> None:
+    """Write a file with `writer(path)` in a temporary folder and log it under its name."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / Path(name).name
+        writer(path)
+        ref.client.log_artifact(ref.run_id, str(path), str(Path(name).parent) if Path(name).parent != Path(".") else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start `mlflow ui` on the resolved store; extra arguments go to `mlflow ui`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    uri = resolve_tracking_uri()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
+    cmd = [exe, "ui", "--backend-store-uri", uri, *argv]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
