@@ -53,3 +53,112 @@ def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+# --------------------------------------------------------------------------- real servers (tests/test_deploy.py, tests/test_ui_browser.py)
+def free_port() -> int:
+    """A free TCP port on loopback (free when asked; the server binds it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_url(url: str, proc, timeout: float, log: Path | None = None) -> None:
+    """Poll `url` until it answers 200; fail with the log's tail if `proc` exits first or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    pytest.fail(f"{url} did not answer within {timeout:.0f}s (exit code {proc.poll()}):\n{tail}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def background():
+    """background(cmd, log, env=None) -> Popen in its own process group; every group is ended at teardown
+    (SIGTERM, SIGKILL after 20 s), last started first."""
+    import os
+    import signal
+    import subprocess
+
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = open(log, "ab")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out.close()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # the group: the server's own workers and the runner's flow-run children
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory, background):
+    """A real `prefect server start` (API, UI, scheduler every second) on a free loopback port with a temporary
+    PREFECT_HOME; this process's Prefect client points at it. Yields {"api_url", "ui_url", "home", "env"}, where
+    env is what a subprocess needs to use the same server."""
+    import os
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect_server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1", "PREFECT_UI_ENABLED": "true"}
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    proc = background([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env)
+    wait_for_url(f"http://127.0.0.1:{port}/api/health", proc, timeout=120, log=home / "server.log")
+    api_url = f"http://127.0.0.1:{port}/api"
+    settings = {PREFECT_API_URL: api_url, PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(updates=settings):
+        yield {"api_url": api_url, "ui_url": f"http://127.0.0.1:{port}", "home": home,
+               "env": {**env, "PREFECT_API_URL": api_url}}
+
+
+@pytest.fixture(scope="session")
+def tiny_compare_config():
+    """tiny_compare_config(root, name="e2e") -> tests/test_flow_e2e.py's comparison: a tiny random llama on 16 ARC
+    rows, one item per benchmark, full data vs Q-Tuning 25%x50%, runs and a SQLite MLflow store under `root`
+    (about a minute and a half on 2 cores)."""
+    from qtuning.config import CompareConfig, DataConfig, PipelineConfig, TrainingConfig
+    from qtuning.evaluate import EvalConfig
+    from qtuning.modeling import tiny_model_config
+
+    def build(root: Path, name: str = "e2e") -> CompareConfig:
+        return CompareConfig(
+            name=name,
+            model=tiny_model_config(),
+            data=DataConfig(source="arc", limit=16, max_length=96),
+            training=TrainingConfig(micro_batch_size=8, lr=1e-3, epochs=1.0),
+            evaluation=EvalConfig(limit=1, max_gen_toks=4, max_gen_toks_short=4, num_fewshot_gsm8k=1, batch_size=4),
+            pipeline=PipelineConfig(runs_dir=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db",
+                                    progress=False, token_view_samples=2, train_retries=0),
+        )
+
+    return build
