@@ -26,6 +26,7 @@ them: importing this module (or `EvalConfig`) stays cheap.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -129,7 +130,7 @@ SQUAD_DESCRIPTION = (
 
 # --------------------------------------------------------------------------- config
 class EvalConfig(BaseModel):
-    """How a checkpoint is benchmarked (lm-eval, greedy decoding, no chat template)."""
+    """How a checkpoint is benchmarked (lm-eval, greedy decoding)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -158,6 +159,12 @@ class EvalConfig(BaseModel):
         "auto",
         description="Weights dtype while evaluating. 'auto': bfloat16 on cuda (when supported), float32 on cpu, "
         "where bf16 matmuls are slow.",
+    )
+    chat_template: bool = Field(
+        False,
+        description="Wrap each prompt in the tokenizer's chat template (few-shot examples as earlier turns). "
+        "Off as in the paper, which scores base models; instruct models often answer the plain "
+        "'Question: ... Answer:' prompt with an immediate end-of-turn token.",
     )
     offline: bool = Field(
         True,
@@ -576,7 +583,7 @@ def evaluate_checkpoint(
     `simple_evaluate` call, which gives per-task wall time and progress lines
     through `log`; the per-task results are merged into one lm-eval results
     JSON (`results.json`) and one flat samples table (`samples.jsonl`).
-    Decoding is greedy and no chat template is applied, as in the paper.
+    Decoding is greedy and, unless `cfg.chat_template`, prompts are plain text, as in the paper.
     """
     import lm_eval
     from lm_eval.api.registry import get_model
@@ -624,6 +631,8 @@ def evaluate_checkpoint(
                 task_manager=manager,
                 limit=cfg.limit,
                 log_samples=True,
+                apply_chat_template=cfg.chat_template,
+                fewshot_as_multiturn=cfg.chat_template,
                 bootstrap_iters=1000,  # only non-mean aggregations bootstrap; lm-eval's 100k is slow on corpus metrics
             )
             if out is None:  # only on non-zero ranks of a distributed run
@@ -643,6 +652,13 @@ def evaluate_checkpoint(
                 for row in _sample_rows(task_name, task_samples, config):
                     samples_file.write(json.dumps(row, ensure_ascii=False, default=handle_non_serializable) + "\n")
             say(f"eval: {short} {key} = {score:.2f} ({task_seconds[short]:.1f}s)")
+        # A pipeline trains and evaluates in one process: hand the accelerator memory back now.
+        del lm
+        gc.collect()
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     average = sum(scores.values()) / len(scores) if scores else float("nan")
     merged["qtuning"] = {

@@ -137,6 +137,7 @@ def test_yamls_use_absolute_data_paths(task_dir: Path) -> None:
         assert cfg["task"] == name and cfg["metadata"]["version"] == 1.0
         for path in cfg["dataset_kwargs"]["data_files"].values():
             assert Path(path).is_absolute() and Path(path).is_file(), path
+        assert Path(cfg["dataset_kwargs"]["cache_dir"]).parent == task_dir  # not the global HF cache
 
 
 def test_tasks_load_real_docs_and_prompts(task_dir: Path) -> None:
