@@ -3,6 +3,9 @@
     qtuning assets            fetch the embedded model and data into the cache (idempotent)
     qtuning train --config F  one training run (same as python -m qtuning.train)
     qtuning run               compare full-data SFT with Q-Tuning on the embedded default
+    qtuning sweep FILE        a grid of pruning budgets/methods/seeds, full-data baseline included
+    qtuning serve             the flows as scheduled Prefect deployments
+    qtuning ui                the MLflow UI on the project's store
     qtuning bench             time full-data vs pruned epochs, measure scoring memory
 """
 
@@ -16,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("qtuning.assets", "fetch the embedded model and data into the cache (idempotent)"),
     "train": ("qtuning.train", "one training run from an ExperimentConfig YAML"),
     "run": ("qtuning.run_cli", "run a comparison (default: full data vs Q-Tuning 25%x50% on the embedded default)"),
+    "sweep": ("qtuning.sweep_cli", "run a grid of arms (and seeds) from a SweepConfig YAML as one flow"),
+    "serve": ("qtuning.serve_cli", "serve the flows as Prefect deployments on a schedule"),
+    "ui": ("qtuning.ui_cli", "start the MLflow UI on the project's tracking store"),
     "bench": ("qtuning.bench", "time full-data, Q-Tuning and Random epochs; scoring peak memory"),
 }
 

@@ -483,3 +483,139 @@ class CompareConfig(_Frozen):
     @classmethod
     def load(cls, path: str | Path) -> CompareConfig:
         return load_yaml(cls, path)
+
+
+# ---- sweeps: grids of arms around one shared recipe ---------------------------------------------------------
+SWEEP_ARM_FIELDS = ("mode",)  # besides pruning.*: the arm's scoring mode
+SEED_AXIS = "training.seed"
+
+
+class SweepConfig(_Frozen):
+    """A grid (or an explicit list) of pruned arms around one shared model, data, training and evaluation.
+
+    Axes are dotted paths: any `pruning.*` field, `mode` (dynamic/static) and `training.seed`. Shared
+    settings (model, data, the rest of training) are the sweep's own, so the full-data baseline, always
+    included, is the same run for every arm of a seed and is trained once (also across sweeps, by the cache).
+
+        grid: {pruning.sample_ratio: [0.125, 0.25, 0.5], pruning.token_ratio: [0.5, 0.7]}
+        points: [{pruning.sample: random, pruning.token: random}, {pruning.sample: infobatch}]
+    """
+
+    name: str = Field("sweep", min_length=1, description="Sweep name (the MLflow parent run).")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(limit=64, max_length=256)
+    training: TrainingConfig = TrainingConfig(epochs=1.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
+    base: PruningConfig = Field(PruningConfig(), description="Pruning every arm starts from (Q-Tuning 25% x 50%).")
+    mode: Literal["dynamic", "static"] = Field("dynamic", description="Arm mode unless an axis sets `mode`.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Axes crossed as a grid: dotted path -> values. training.seed repeats every arm."
+    )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list, description="Explicit arms, each a dict of dotted path -> value (crossed with the seeds)."
+    )
+    evaluation: EvalConfig = EvalConfig(limit=10)
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        problems = []
+        pruning_fields = set(PruningConfig.model_fields)
+        for where, axes in [("grid", self.grid)] + [(f"points[{i}]", p) for i, p in enumerate(self.points)]:
+            for path, value in axes.items():
+                section, _, leaf = path.partition(".")
+                ok = (section == "pruning" and leaf in pruning_fields) or path in SWEEP_ARM_FIELDS or path == SEED_AXIS
+                if not ok:
+                    problems.append(
+                        f"{where}.{path}: not a sweep axis; vary pruning.<field>, mode or training.seed (shared settings "
+                        "such as the model, data or learning rate belong to the sweep itself, so the full-data baseline shares them)"
+                    )
+                if where == "grid" and (not isinstance(value, list) or not value):
+                    problems.append(f"grid.{path}: expected a non-empty list of values, got {value!r}")
+        if SEED_AXIS in {k for p in self.points for k in p}:
+            problems.append(f"points: put {SEED_AXIS} in grid (it repeats every point), not in a point")
+        for over in self.arm_overrides():
+            pruning = {**self.base.model_dump(), **{k.removeprefix("pruning."): v for k, v in over.items() if k.startswith("pruning.")}}
+            try:
+                PruningConfig(**pruning)
+            except ValidationError as e:
+                for err in e.errors():
+                    field = ".".join(str(x) for x in err["loc"]) or "pruning"
+                    problems.append(f"arm {over}: pruning.{field}: {err['msg'].removeprefix('Value error, ')}".replace("pruning.pruning", "pruning"))
+        if not problems:
+            try:
+                self.comparisons()
+            except (ValidationError, ValueError) as e:
+                problems.append(f"an arm of the sweep is invalid: {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(s) for s in self.grid.get(SEED_AXIS, [self.training.seed])]
+
+    def arm_overrides(self) -> list[dict[str, Any]]:
+        """Every pruned arm as dotted overrides of `base`/`mode`: the grid's product, then the explicit points."""
+        import itertools
+
+        axes = {k: v for k, v in self.grid.items() if k != SEED_AXIS}
+        out = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else []
+        out += [dict(p) for p in self.points]
+        return out or [{}]
+
+    def arms(self) -> list[ArmConfig]:
+        """The full-data baseline, then each distinct pruned arm, named by its recipe."""
+        arms = [ArmConfig(name="full", pruning=PruningConfig(**FULL_DATA))]
+        seen = set()
+        for over in self.arm_overrides():
+            pruning = self.base.model_dump()
+            pruning.update({k.removeprefix("pruning."): v for k, v in over.items() if k.startswith("pruning.")})
+            if pruning["sample"] == "all" and pruning["token"] == "all":
+                continue  # the baseline is already there
+            arm = ArmConfig(name=_arm_name(pruning, over, self.base, over.get("mode", self.mode)),
+                            pruning=PruningConfig(**pruning), mode=over.get("mode", self.mode))
+            if arm.name not in seen:
+                seen.add(arm.name)
+                arms.append(arm)
+        return arms
+
+    def comparisons(self) -> list[CompareConfig]:
+        """One comparison per seed, each with the baseline and every arm."""
+        arms = self.arms()
+        return [
+            CompareConfig(
+                name=f"{self.name}-seed{seed}", model=self.model, data=self.data,
+                training=self.training.model_copy(update={"seed": seed}), arms=arms,
+                evaluation=self.evaluation, pipeline=self.pipeline,
+            )
+            for seed in self.seeds
+        ]
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepConfig:
+        return load_yaml(cls, path)
+
+
+_SHORT = {"sample_ratio": "rs", "token_ratio": "rt", "lam": "lam"}
+
+
+def _arm_name(pruning: dict, over: dict, base: PruningConfig, mode: str) -> str:
+    """A readable, unique name: rules and budgets always, then any other field that differs from the base."""
+    parts = [pruning["sample"], pruning["token"], f"rs{pruning['sample_ratio']:g}", f"rt{pruning['token_ratio']:g}"]
+    for field in PruningConfig.model_fields:
+        if field in ("sample", "token", "sample_ratio", "token_ratio"):
+            continue
+        if pruning[field] != getattr(base, field) or f"pruning.{field}" in over:
+            parts.append(f"{_SHORT.get(field, field)}{pruning[field]}")
+    if mode == "static":
+        parts.append("static")
+    return "-".join(str(p).replace("_", "") for p in parts)

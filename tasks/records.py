@@ -114,3 +114,18 @@ class ComparisonResult(BaseModel):
     arms: list[dict[str, Any]]  # rows of the table (name, scores, per-benchmark columns, average, ratio_to_full, ...)
     table: str  # the table as aligned text
     table_markdown: str
+
+
+class SweepResult(BaseModel):
+    """A sweep's aggregated table (one row per arm, mean and spread over seeds) and its MLflow parent run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    ui_command: str
+    arms: list[dict[str, Any]]  # aggregated rows: arm, per-benchmark means, average, average_sd, ratio_to_full, ...
+    runs: list[dict[str, Any]]  # one per (arm, seed)
+    table: str
+    table_markdown: str

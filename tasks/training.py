@@ -34,7 +34,8 @@ PROGRESS_LOG_SECONDS = 15.0  # at most one progress line per this many seconds i
 def _ingredients(config: ExperimentConfig, run: RunRef | None, pipeline: PipelineConfig) -> dict:
     acc_cfg = config.training.accelerate_config
     return {
-        "config": config.model_copy(update={"training": config.training.model_copy(update={"output_dir": ""})}),
+        # the run's name and folder are cosmetic: equal recipes share one training (a sweep's baseline, a rerun)
+        "config": config.model_copy(update={"name": "", "training": config.training.model_copy(update={"output_dir": ""})}),
         "data": source_fingerprint(config.data),
         "model": model_fingerprint(config.model),
         "world": pipeline.num_processes,

@@ -1,0 +1,58 @@
+"""`qtuning sweep FILE`: run a SweepConfig (grid or list of arms, several seeds) as one Prefect flow.
+
+The full-data baseline is always included and trained once per seed (through the cache, also across sweeps
+that share it). A sweep interrupted halfway and started again redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from qtuning.config import ConfigError, SweepConfig, load_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qtuning sweep", description=__doc__.split("\n\n")[0],
+                                 epilog="example sweep files: configs/sweeps/*.yaml")
+    ap.add_argument("config", metavar="FILE", help="SweepConfig YAML")
+    ap.add_argument("--json", metavar="FILE", help="write {parent_run_id, arms: [aggregated rows], runs: [(arm, seed) rows]}")
+    ap.add_argument("--list", action="store_true", help="print the arms and seeds the sweep would run, and exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_yaml(SweepConfig, args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    arms = cfg.arms()
+    print(f"qtuning sweep: {cfg.name}: {len(arms)} arms x {len(cfg.seeds)} seed(s) = {len(arms) * len(cfg.seeds)} runs")
+    for a in arms:
+        p = a.pruning
+        print(f"  {a.name:<40} {p.sample}/{p.token} r_s={p.sample_ratio:g} r_t={p.token_ratio:g} lam={p.lam:g} {a.mode}")
+    if args.list:
+        return 0
+
+    from flows.run import PREFECT_DEFAULTS  # Prefect start-up settings, then the flow (qtuning never imports Prefect)
+    import os
+
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    from flows.sweep import sweep
+
+    start = time.perf_counter()
+    result = sweep(cfg)
+    print()
+    print(result.table)
+    print(f"\nfinished in {(time.perf_counter() - start) / 60:.1f} min; MLflow parent run {result.parent_run_id}")
+    print(f"open the MLflow UI:  {result.ui_command}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.model_dump(), indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
