@@ -1,0 +1,103 @@
+"""Sweeps: expansion of axes into arms, refusals, the mean ± sd table and plot, and one real sweep flow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qtuning.config import ConfigError, SweepConfig, validate
+from qtuning.sweep import format_sweep_table, sweep_figure, sweep_table
+
+
+def test_grid_crosses_axes_and_always_includes_the_baseline():
+    cfg = validate(SweepConfig, {
+        "grid": {"pruning.sample_ratio": [0.125, 0.25, 0.5], "pruning.token_ratio": [0.5, 0.7], "training.seed": [0, 1]},
+    })
+    arms = cfg.arms()
+    assert arms[0].name == "full" and arms[0].is_full_data
+    assert len(arms) == 1 + 6
+    assert {(a.pruning.sample_ratio, a.pruning.token_ratio) for a in arms[1:]} == {
+        (rs, rt) for rs in (0.125, 0.25, 0.5) for rt in (0.5, 0.7)
+    }
+    comparisons = cfg.comparisons()
+    assert [c.training.seed for c in comparisons] == [0, 1]
+    assert all([a.name for a in c.arms] == [a.name for a in arms] for c in comparisons)
+
+
+def test_points_name_arms_by_recipe_and_dedupe():
+    cfg = validate(SweepConfig, {"points": [
+        {}, {"pruning.sample": "random", "pruning.token": "random"}, {"pruning.lam": 0.0}, {},
+        {"pruning.sample": "all", "pruning.token": "all", "pruning.sample_ratio": 1.0, "pruning.token_ratio": 1.0},
+    ]})
+    names = [a.name for a in cfg.arms()]
+    assert names == ["full", "qtuning-qtuning-rs0.25-rt0.5", "random-random-rs0.25-rt0.5", "qtuning-qtuning-rs0.25-rt0.5-lam0.0"]
+
+
+def test_bad_sweeps_are_refused_with_every_problem_named():
+    with pytest.raises(ConfigError) as e:
+        validate(SweepConfig, {
+            "grid": {"training.lr": [1e-4], "pruning.lam": []},
+            "points": [{"pruning.sample_ratio": 3}, {"training.seed": 1}],
+        }, "sweep.yaml")
+    msg = str(e.value)
+    assert "sweep.yaml" in msg
+    for part in ("grid.training.lr: not a sweep axis", "grid.pruning.lam: expected a non-empty list",
+                 "pruning.sample_ratio: Input should be less than or equal to 1", "put training.seed in grid"):
+        assert part in msg
+
+
+def _rows():
+    out = []
+    for seed in (0, 1, 2):
+        for i, name in enumerate(["full", "qt"]):
+            out.append({"name": name, "seed": seed, "scores": {"arc_easy": 40.0 + i + seed, "gsm8k": 2.0},
+                        "average": 20.0 + 2 * i + seed, "loss_tokens": 1000 // (i + 1), "train_seconds": 10.0 - i})
+    return out
+
+
+def test_table_shows_mean_and_spread_over_seeds(tmp_path):
+    table = sweep_table(_rows(), baseline="full")
+    assert list(table.index) == ["full", "qt"]
+    assert table.loc["qt", "average"] == pytest.approx(23.0)
+    assert table.loc["qt", "average_sd"] == pytest.approx(1.0)
+    assert table.loc["qt", "ratio_to_full"] == pytest.approx(23.0 / 21.0)
+    assert table.loc["full", "seeds"] == 3
+    text = format_sweep_table(table)
+    assert "23.00 ± 1.00" in text and "1.095" in text
+    sweep_figure(table).savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp_path, tiny_compare_config):
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.sweep import sweep
+
+    base = tiny_compare_config(tmp_path, name="sweep")
+    shared = {k: getattr(base, k) for k in ("model", "data", "training", "evaluation", "pipeline")}
+    first = SweepConfig(name="sweep-a", **shared, grid={"pruning.token_ratio": [0.5]})
+    second = SweepConfig(name="sweep-b", **shared, grid={"pruning.token_ratio": [0.5, 0.7]})
+    settings = {PREFECT_HOME: str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
+    with temporary_settings(updates=settings), prefect_test_harness(server_startup_timeout=None):
+        a = sweep(first)
+        b = sweep(second)  # shares the baseline and one arm with the first sweep
+
+    assert [r["arm"] for r in a.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5"]
+    assert [r["arm"] for r in b.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5", "qtuning-qtuning-rs0.25-rt0.7"]
+    train_dirs = sorted(p.name for p in Path(base.pipeline.runs_dir, "train").iterdir())
+    assert len(train_dirs) == 3, train_dirs  # full and rt0.5 trained once for both sweeps, rt0.7 once
+    assert b.arms[0]["loss_tokens"] > b.arms[1]["loss_tokens"] > 0  # the pruned arm trained on fewer tokens
+
+    client = MlflowClient(base.pipeline.tracking_uri)
+    parent = client.get_run(b.parent_run_id)
+    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{b.parent_run_id}'")
+    assert sorted(r.info.run_name for r in kids) == sorted(r["arm"] for r in b.arms)
+    assert "sweep/qtuning-qtuning-rs0.25-rt0.7/average" in parent.data.metrics
+    artifacts = {f.path for f in client.list_artifacts(b.parent_run_id, "sweep")}
+    assert {"sweep/table.txt", "sweep/table.md", "sweep/score_vs_tokens.png"} <= artifacts
