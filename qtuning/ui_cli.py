@@ -14,6 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
+# Set unless the user set them: the server's job runner (7 huey worker processes, for GenAI judges and scorers
+# qtuning does not use) stays off, and nothing is reported home from machines that are often offline.
+MLFLOW_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
 EPILOG = """\
 examples:
   qtuning ui                                   # http://127.0.0.1:5000 on mlflow/mlflow.db
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command:
         return 0
     print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    for k, v in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     os.execvp(cmd[0], cmd)  # the server replaces this process: signals and exit code are its own
 
 
