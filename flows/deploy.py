@@ -115,6 +115,8 @@ def build_deployments(
     """One RunnerDeployment per flow: `<prefix>-<flow>`, the schedule (none: runs only when triggered), defaults."""
     if cron and interval:
         raise ConfigError("give --cron or --interval, not both")
+    if sweep_config is not None and "sweep" not in names:
+        raise ConfigError(f"--sweep-config {sweep_config} is for the sweep flow, which is not served; add sweep to --flows")
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
     from prefect.deployments.runner import EntrypointType

@@ -59,6 +59,20 @@ def test_sweep_is_served_when_its_flow_exists():
     assert ("sweep" in names) == Path(deploy.__file__).with_name("sweep.py").exists()
 
 
+@pytest.mark.skipif(not deploy.available("sweep"), reason="flows/sweep.py is not in this checkout")
+def test_sweep_deployment_takes_its_defaults_from_the_sweep_file():
+    from qtuning.config import SweepConfig
+
+    path = Path(__file__).parents[1] / "configs" / "sweeps" / "paper-grid.yaml"
+    (built,) = deploy.build_deployments(["sweep"], CompareConfig(), interval=86400, sweep_config=path)
+    assert f"{built.flow_name}/{built.name}" == "sweep/qtuning-sweep"
+    assert SweepConfig.model_validate(built.parameters["config"]) == SweepConfig.load(path)
+    (without_file,) = deploy.build_deployments(["sweep"], CompareConfig())
+    assert without_file.parameters == {}  # the flow's own default SweepConfig
+    with pytest.raises(ValueError, match="add sweep to --flows"):
+        deploy.build_deployments(["compare"], CompareConfig(), sweep_config=path)
+
+
 def test_serve_refuses_bad_options_before_serving(config_file, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
