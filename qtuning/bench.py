@@ -6,7 +6,8 @@
 In one process, on the same model initialisation and data slice, it times one
 epoch of full-data SFT, Q-Tuning at 25% x 50% and Random+Random at 25% x 50%
 (the training loop's own scoring and training seconds, not model loading or
-saving). Then, each in a fresh subprocess so allocator caches do not blur the
+saving), and Q-Tuning with a selection pool of 32 that trains full micro-batches
+of the kept rows (`cost_ratio_qtuning_pool`). Then, each in a fresh subprocess so allocator caches do not blur the
 figures, it measures the peak memory of the scoring forward and of a plain
 no-grad forward (full logits) on the same batch: on a GPU the CUDA allocator's
 peak, on a CPU the process's peak resident set (VmHWM, reset before the pass).
@@ -32,6 +33,9 @@ ARMS = {
     "full": PruningConfig(sample="all", token="all", sample_ratio=1.0, token_ratio=1.0),
     "qtuning": PruningConfig(sample="qtuning", token="qtuning", sample_ratio=0.25, token_ratio=0.5),
     "random": PruningConfig(sample="random", token="random", sample_ratio=0.25, token_ratio=0.5),
+    # the pool of 32 is scored together and its 8 kept rows train as one full micro-batch: a quarter of the
+    # optimizer steps, full-width matmuls (algorithm.md: "let the triage pool differ from the micro-batch")
+    "qtuning_pool": PruningConfig(sample="qtuning", token="qtuning", sample_ratio=0.25, token_ratio=0.5, selection_batch_size=32),
 }
 
 
@@ -57,6 +61,8 @@ def time_epochs(base: ExperimentConfig, out: Path) -> dict[str, dict]:
     train(warm, progress=False, save=False)
     results = {}
     for name, pruning in ARMS.items():
+        if pruning.selection_batch_size:  # pool = micro-batch / r_s, whatever --micro-batch is
+            pruning = pruning.model_copy(update={"selection_batch_size": round(base.training.micro_batch_size / pruning.sample_ratio)})
         cfg = base.model_copy(
             update={"pruning": pruning, "training": base.training.model_copy(update={"output_dir": str(out / name)})}
         )
@@ -158,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "cost_ratio_qtuning": epochs["qtuning"]["train_seconds"] / full,
         "cost_ratio_random": epochs["random"]["train_seconds"] / full,
+        "cost_ratio_qtuning_pool": epochs["qtuning_pool"]["train_seconds"] / full,
         "scoring_share_qtuning": epochs["qtuning"]["score_seconds"] / full,
         **memory_ratio(args.quick, args.micro_batch, args.max_length),
     }
     print(f"\n{report['model']} on {report['device']}: {rows} rows x <= {args.max_length} tokens, micro-batch {args.micro_batch}")
-    print(f"{'arm':<10}{'epoch s':>10}{'scoring s':>11}{'ratio':>8}{'steps':>7}{'loss tokens':>13}")
+    print(f"{'arm':<14}{'epoch s':>10}{'scoring s':>11}{'ratio':>8}{'steps':>7}{'loss tokens':>13}")
     for name, e in epochs.items():
         print(
-            f"{name:<10}{e['train_seconds']:>10.1f}{e['score_seconds']:>11.1f}{e['train_seconds'] / full:>8.2f}"
+            f"{name:<14}{e['train_seconds']:>10.1f}{e['score_seconds']:>11.1f}{e['train_seconds'] / full:>8.2f}"
             f"{e['optimizer_steps']:>7}{e['loss_tokens']:>13}"
         )
     print(
