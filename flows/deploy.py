@@ -15,6 +15,9 @@ Default parameters, from one `CompareConfig` file (the built-in defaults without
 - sweep:      config = the `--sweep-config` file, typed by the flow's own annotation (flows/sweep.py);
 - health:     model, data, evaluation and pipeline of the file (flows/health.py, seconds, nothing trained).
 
+With `--work-pool` the deployments are registered on a Prefect work pool instead, and `prefect worker start`
+processes (on this machine or others) run them; the code comes from `--source` (this checkout by default).
+
 Schedules need a real Prefect server (`prefect server start`, `PREFECT_API_URL`); the temporary server that
 Prefect starts when no URL is set refuses them and would stop with this process anyway.
 
@@ -66,9 +69,14 @@ def resolve_flow_names(requested: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
-def load_flow(name: str):
+def load_flow(name: str, source: str | None = None):
+    """The flow object; with `source` (a checkout folder or a git URL), loaded from there as a worker will."""
     module, _, attr = FLOWS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    if source is None:
+        return getattr(importlib.import_module(module), attr)
+    from prefect import Flow
+
+    return Flow.from_source(source=source, entrypoint=f"{module.replace('.', '/')}.py:{attr}")
 
 
 def _config_type(fn) -> tuple[type, bool]:
@@ -111,8 +119,14 @@ def build_deployments(
     sweep_config: str | Path | None = None,
     prefix: str = DEPLOYMENT_PREFIX,
     paused: bool = False,
+    source: str | None = None,
 ) -> list:
-    """One RunnerDeployment per flow: `<prefix>-<flow>`, the schedule (none: runs only when triggered), defaults."""
+    """One RunnerDeployment per flow: `<prefix>-<flow>`, the schedule (none: runs only when triggered), defaults.
+
+    Without `source` they are for `serve` (this process runs them; entrypoints by module path). With `source`,
+    a checkout folder every worker sees at the same path or a git URL, they are for `deploy_to_pool`: a
+    worker fetches the code from there for each run.
+    """
     if cron and interval:
         raise ConfigError("give --cron or --interval, not both")
     if sweep_config is not None and "sweep" not in names:
@@ -126,16 +140,12 @@ def build_deployments(
 
     schedules = [Cron(cron, timezone=timezone)] if cron else [Interval(interval, timezone=timezone)] if interval else []
     params = {n: default_parameters(n, config, sweep_config) for n in names}  # every config problem before any deployment
+    # served: by module path, so the runner's subprocess imports the installed package from any working directory
+    how = {"entrypoint_type": EntrypointType.MODULE_PATH} if source is None else {}
     return [
-        load_flow(n).to_deployment(
-            name=f"{prefix}-{n}",
-            schedules=schedules,
-            paused=paused,
-            parameters=params[n],
-            tags=["qtuning"],
-            version=git_commit(),
-            # by module path, so the runner's subprocess imports the installed package from any working directory
-            entrypoint_type=EntrypointType.MODULE_PATH,
+        load_flow(n, source).to_deployment(
+            name=f"{prefix}-{n}", schedules=schedules, paused=paused, parameters=params[n], tags=["qtuning"],
+            version=git_commit(), **how,
         )
         for n in names
     ]
@@ -177,3 +187,19 @@ def serve(deployments: Sequence, limit: int | None = 1) -> None:
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments, limit=limit)
+
+
+def deploy_to_pool(deployments: Sequence, work_pool: str) -> None:
+    """Register deployments built with a `source` on a work pool (it must exist); its workers run them."""
+    from prefect import deploy as prefect_deploy
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(work_pool)
+        except ObjectNotFound:
+            raise ConfigError(f"no work pool {work_pool!r}; create it with `prefect work-pool create {work_pool} "
+                              f"--type process`") from None
+    prefect_deploy(*deployments, work_pool_name=work_pool, build=False, push=False, ignore_warnings=True,
+                   print_next_steps_message=False)

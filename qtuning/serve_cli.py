@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qtuning.config import CompareConfig, load_yaml
 
@@ -27,6 +28,11 @@ trigger a run by hand (the deployment's defaults, or a whole config in place of 
     | python -c 'import json,sys,yaml; print(json.dumps({"config": yaml.safe_load(sys.stdin)}))' \\
     | prefect deployment run 'compare/qtuning-compare' --params -
 A parameter given at run time replaces that whole parameter (config), it is not merged field by field.
+
+a team: deployments on a work pool, runs on workers (each with this package installed and the assets fetched):
+  prefect work-pool create qtuning --type process
+  qtuning serve --config compare.yaml --cron "0 3 * * *" --work-pool qtuning    # registers and exits
+  prefect worker start --pool qtuning --limit 1                                  # on every training machine
 """
 
 
@@ -48,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flow runs this process executes at once; the rest wait (default 1: one training at a time)")
     ap.add_argument("--paused", action="store_true", help="register the schedules paused (resume them in the UI)")
     ap.add_argument("--dry-run", action="store_true", help="build the deployments, print them and exit (no server needed)")
+    pool = ap.add_argument_group("a team's set-up: a work pool and workers instead of this process")
+    pool.add_argument("--work-pool", metavar="NAME",
+                      help="register the deployments on this work pool and exit; `prefect worker start --pool NAME` runs them")
+    pool.add_argument("--source", metavar="DIR_OR_GIT_URL",
+                      help="where workers get the code (--work-pool): a checkout every worker sees at the same path, "
+                           "or a git URL (default: this checkout)")
     return ap
 
 
@@ -55,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.interval is not None and args.interval <= 0:
         print(f"--interval: must be > 0 seconds (got {args.interval:g})", file=sys.stderr)
+        return 2
+    if args.source and not args.work_pool:
+        print("--source: only with --work-pool (a served deployment runs this checkout)", file=sys.stderr)
         return 2
     if args.limit < 1:
         print(f"--limit: must be >= 1 (got {args.limit})", file=sys.stderr)
@@ -64,12 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         from flows import deploy  # Prefect loads only now (qtuning itself never imports it)
 
         names = deploy.resolve_flow_names([n.strip() for n in args.flows.split(",") if n.strip()] if args.flows else None)
+        source = (args.source or str(Path(deploy.__file__).resolve().parents[1])) if args.work_pool else None
         deployments = deploy.build_deployments(names, config, cron=args.cron, interval=args.interval, timezone=args.timezone,
-                                               sweep_config=args.sweep_config, paused=args.paused)
+                                               sweep_config=args.sweep_config, paused=args.paused, source=source)
         print("qtuning serve: deployments\n" + deploy.describe(deployments), flush=True)
         if args.dry_run:
             return 0
         url = deploy.check_server()
+        if args.work_pool:
+            deploy.deploy_to_pool(deployments, args.work_pool)
+            print(f"registered on work pool {args.work_pool!r} at {url} (code from {source}); run them with:\n"
+                  f"  prefect worker start --pool {args.work_pool}")
+            return 0
     except ValueError as e:  # ConfigError, or a schedule prefect refuses (a bad cron expression or time zone)
         print(f"qtuning serve: {e}", file=sys.stderr)
         return 2

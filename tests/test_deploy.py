@@ -9,11 +9,13 @@ end-to-end run is tests/test_flow_e2e.py, and a comparison every few seconds wou
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows import deploy
 from qtuning.config import CompareConfig, with_overrides
@@ -131,5 +133,62 @@ def test_a_scheduled_run_is_created_and_completes(prefect_server, background, co
         assert deployment.schedules[0].schedule.interval.total_seconds() == 5
         assert completed.parameters["pipeline"]["tracking_uri"] == cfg.pipeline.tracking_uri  # the file's defaults
         assert Path(cfg.pipeline.tracking_uri.removeprefix("sqlite:///")).exists()  # the flow queried that store
-        logs = " ".join(e.message for e in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[completed.id]))))
+        logs = ""
+        for _ in range(15):  # the run's logs are shipped in batches, the last one maybe after its final state
+            logs = " ".join(e.message for e in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[completed.id]))))
+            if "ready: model=" in logs:
+                break
+            time.sleep(1)
         assert "ready: model=" in logs and cfg.pipeline.tracking_uri in logs
+
+
+def test_a_team_set_up_work_pool_worker_and_runs_triggered_by_hand(prefect_server, background, config_file, tmp_path):
+    """The README's team recipe, on one machine: a process work pool, `qtuning serve --work-pool` (registers and
+    exits), a `prefect worker start`, and runs triggered with `prefect deployment run ... --params -`."""
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+
+    cfg, path = config_file
+    env = {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+
+    def sh(*cmd: str, stdin: str | None = None) -> str:
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, f"{' '.join(cmd)} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    start = time.monotonic()
+    sh(prefect, "work-pool", "create", "qtuning-team", "--type", "process")
+    out = sh(sys.executable, "-m", "qtuning.serve_cli", "--config", str(path), "--flows", "health,compare",
+             "--work-pool", "qtuning-team")
+    assert "registered on work pool 'qtuning-team'" in out and "prefect worker start --pool qtuning-team" in out
+    background([prefect, "worker", "start", "--pool", "qtuning-team", "--limit", "1"], tmp_path / "worker.log", env)
+
+    # A whole parameter replaced at run time (JSON on stdin): the run checks another MLflow store.
+    other_store = f"sqlite:///{tmp_path}/other/mlflow.db"
+    pipeline = {**cfg.pipeline.model_dump(mode="json"), "tracking_uri": other_store}
+    out = sh(prefect, "deployment", "run", "health/qtuning-health", "--params", "-", stdin=json.dumps({"pipeline": pipeline}))
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    # The README's pipe: a config edited with `qtuning run --set`, sent as the compare deployment's `config`;
+    # the server validates it against the form's schema. Started a day later: nothing trains here.
+    edited = sh(sys.executable, "-m", "qtuning.run_cli", "--config", str(path), "--set", "training.lr=1e-4", "--print-config")
+    params = json.dumps({"config": yaml.safe_load(edited)})
+    out = sh(prefect, "deployment", "run", "compare/qtuning-compare", "--params", "-", "--start-in", "1 day", stdin=params)
+    later_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        while time.monotonic() - start < 150 and not (run.state and run.state.is_final()):
+            time.sleep(2)
+            run = client.read_flow_run(run_id)
+        assert run.state and run.state.is_completed(), f"{run.state}\n" + (tmp_path / "worker.log").read_text()[-4000:]
+        print(f"triggered run completed on the worker {time.monotonic() - start:.1f}s after the pool was created")
+        assert run.parameters["pipeline"]["tracking_uri"] == other_store
+        assert run.parameters["model"] == cfg.model.model_dump(mode="json")  # the rest: the deployment's defaults
+        assert Path(tmp_path, "other", "mlflow.db").exists()
+        later = client.read_flow_run(later_id)
+        assert later.state.is_scheduled() and later.parameters["config"]["training"]["lr"] == 1e-4
+        assert later.parameters["config"]["name"] == "deployed"
+        client.delete_flow_run(later_id)
