@@ -23,4 +23,4 @@ def run_comparison(config: CompareConfig):
         os.environ.setdefault(k, v)
     from flows.compare import compare
 
-    return compare(config)
+    return compare(config)  # Prefect turns SIGTERM into an exception: runs end KILLED, a trainer is stopped

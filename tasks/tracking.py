@@ -143,12 +143,14 @@ def end_run(ref: RunRef, status: str = "FINISHED") -> None:
 
 @contextlib.contextmanager
 def run_status(ref: RunRef) -> Iterator[RunRef]:
-    """FINISHED when the block completes, FAILED (keeping everything logged so far) when it raises."""
+    """FINISHED when the block completes, FAILED (keeping everything logged so far) when it raises, KILLED when
+    it is interrupted (Ctrl-C, SIGTERM)."""
     try:
         yield ref
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
-            end_run(ref, "FAILED")
+            killed = isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "TerminationSignal"
+            end_run(ref, "KILLED" if killed else "FAILED")
         raise
     end_run(ref, "FINISHED")
 

@@ -45,7 +45,14 @@ def _ingredients(config: ExperimentConfig, run: RunRef | None, pipeline: Pipelin
 
 
 def output_dir(config: ExperimentConfig, pipeline: PipelineConfig, key: str) -> Path:
-    return runs_root(pipeline.runs_dir) / "train" / f"{config.name}-{key[:12]}"
+    """runs/train/<name>-<key>; the key ignores the name, so a folder of an equal recipe under another name
+    (a finished one first) is the same training and is reused."""
+    root = runs_root(pipeline.runs_dir) / "train"
+    own = root / f"{config.name}-{key[:12]}"
+    if own.exists():
+        return own
+    others = sorted(root.glob(f"*-{key[:12]}"), key=lambda p: not (p / "summary.json").exists())
+    return others[0] if others else own
 
 
 def _outputs(config, run, pipeline, key) -> list[Path]:
@@ -113,11 +120,19 @@ def train(config: ExperimentConfig, run: RunRef | None, pipeline: PipelineConfig
     reader.start()
     logged = metric_steps(run, "train/loss") if run else set()
     metrics_file = out / "metrics.jsonl"
-    with system_metrics(run):
-        while proc.poll() is None:
-            time.sleep(1.0)
-            if run:
-                _sync_metrics(run, metrics_file, logged)
+    try:
+        with system_metrics(run):
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if run:
+                    _sync_metrics(run, metrics_file, logged)
+    finally:  # interrupted (Ctrl-C, SIGTERM, a Prefect timeout): do not leave the trainer running
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     reader.join(timeout=10)
     if run:
         _sync_metrics(run, metrics_file, logged)

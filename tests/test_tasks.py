@@ -238,3 +238,46 @@ def test_train_task_launches_two_cpu_processes_with_accelerate(tmp_path):
     with disable_run_logger():
         record = training.train.fn(cfg, None, pipe)
     assert record.summary["world_size"] == 2 and Path(record.final_dir, "config.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("compare*.yaml")), ids=lambda p: p.name)
+def test_shipped_comparison_configs_validate(path):
+    cfg = CompareConfig.load(path)
+    assert cfg.baseline_arm.is_full_data and len(cfg.arms) >= 2
+
+
+def test_data_scores_and_static_prune_tasks_chain_on_disk(tmp_path):
+    """prepare_data -> score_eu -> prune(static) through task.fn: files on disk, records that point at them."""
+    from tasks.pruning import prune
+    from tasks.scoring import score_eu
+
+    cfg = _experiment(tmp_path)
+    pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), progress=False, token_view_samples=2)
+    with disable_run_logger():
+        data = data_tasks.prepare_data.fn(cfg.data, cfg.model, pipe)
+        scores = score_eu.fn(data, cfg.model, pipe, "response", 0)
+        plan = prune.fn(cfg, "static", data, scores, pipe)
+        dynamic = prune.fn(cfg, "dynamic", data, scores, pipe)
+    assert data.rows == 14 and Path(data.path, "dataset_info.json").exists()
+    import pandas as pd
+
+    table = pd.read_parquet(scores.path)
+    assert len(table) == data.rows and (table["ppl"] > 0).all() and (table["ent"] > 0).all()
+    assert plan.experiment.data.source == plan.static_data_path and plan.experiment.pruning.is_full_data
+    assert plan.experiment.training.micro_batch_size == 2
+    kept = [json.loads(line)["id"] for line in Path(plan.static_data_path).read_text().splitlines()]
+    assert len(kept) == round(plan.shares["kept"] * data.rows) >= round(0.25 * data.rows)
+    assert dynamic.experiment == cfg and dynamic.static_data_path is None
+    assert Path(dynamic.token_view_path).read_text().count("class='sample'") == 2
+    assert json.loads(Path(dynamic.plan_path).read_text())["kept_per_pool"] == 2
+
+
+def test_an_equal_recipe_under_another_name_reuses_the_training_folder(tmp_path):
+    pipe = PipelineConfig(runs_dir=str(tmp_path))
+    cfg = _experiment(tmp_path)
+    key = _train_key(cfg, pipe)
+    renamed = cfg.model_copy(update={"name": "other"})
+    assert _train_key(renamed, pipe) == key
+    assert training.output_dir(cfg, pipe, key).name == f"arm-{key[:12]}"
+    (tmp_path / "train" / f"arm-{key[:12]}" / "final").mkdir(parents=True)
+    assert training.output_dir(renamed, pipe, key) == training.output_dir(cfg, pipe, key)
