@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: enough for one team's UI)")
     ap.add_argument("--tracking-uri", metavar="URI", help="the store (default: $MLFLOW_TRACKING_URI, else mlflow/mlflow.db)")
+    ap.add_argument("--experiment", default="qtuning", metavar="NAME",
+                    help="the experiment to link to (pipeline.experiment_name; default qtuning)")
     ap.add_argument("--print-command", action="store_true", help="print the mlflow command and exit")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed on to `mlflow server`")
     return ap
@@ -50,6 +52,20 @@ def mlflow_command(uri: str, host: str, port: int, workers: int = 1, extra: list
     return cmd + list(extra or [])
 
 
+def runs_url(uri: str, experiment: str, host: str, port: int) -> str:
+    """The experiment's runs table. MLflow 3.17 opens in its GenAI view; `workflowType=machine_learning` (or the
+    'Model training' switch, which the browser remembers) shows the runs with their metrics instead."""
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    try:
+        from tasks.tracking import client
+
+        exp = client(uri).get_experiment_by_name(experiment)  # also creates a new SQLite store's tables, before the server
+    except Exception:  # a store this process cannot open: the server will say why
+        exp = None
+    where = f"experiments/{exp.experiment_id}/runs" if exp is not None else "experiments"
+    return f"{base}/#/{where}?workflowType=machine_learning"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.tracking import resolve_tracking_uri
@@ -63,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print("$ " + shlex.join(cmd), flush=True)
     if args.print_command:
         return 0
-    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI: {runs_url(uri, args.experiment, args.host, args.port)}  (Ctrl-C stops it)", flush=True)
     for k, v in MLFLOW_DEFAULTS.items():
         os.environ.setdefault(k, v)
     os.execvp(cmd[0], cmd)  # the server replaces this process: signals and exit code are its own
