@@ -153,10 +153,10 @@ def test_a_team_set_up_work_pool_worker_and_runs_triggered_by_hand(prefect_serve
     env = {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
     prefect = str(Path(sys.executable).with_name("prefect"))
 
-    def sh(*cmd: str, stdin: str | None = None) -> str:
+    def sh(*cmd: str, stdin: str | None = None, ok: bool = True) -> str:
         done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, f"{' '.join(cmd)} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        return done.stdout
+        assert (done.returncode == 0) == ok, f"{' '.join(cmd)} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done.stdout + done.stderr
 
     start = time.monotonic()
     sh(prefect, "work-pool", "create", "qtuning-team", "--type", "process")
@@ -170,6 +170,12 @@ def test_a_team_set_up_work_pool_worker_and_runs_triggered_by_hand(prefect_serve
     pipeline = {**cfg.pipeline.model_dump(mode="json"), "tracking_uri": other_store}
     out = sh(prefect, "deployment", "run", "health/qtuning-health", "--params", "-", stdin=json.dumps({"pipeline": pipeline}))
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    # The form's schema is enforced: a config the pydantic model would refuse never becomes a run.
+    for value, field, reason in (('{"typo": 1}', "pipeline", "'typo' was unexpected"),
+                                 ('{"num_processes": 0}', "pipeline.num_processes", "0 is less than the minimum of 1")):
+        refused = sh(prefect, "deployment", "run", "health/qtuning-health", "--param", f"pipeline={value}", ok=False)
+        assert f"Validation failed for field '{field}'" in refused and reason in refused, refused
 
     # The README's pipe: a config edited with `qtuning run --set`, sent as the compare deployment's `config`;
     # the server validates it against the form's schema. Started a day later: nothing trains here.
