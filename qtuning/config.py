@@ -27,6 +27,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class _YamlFile(_Frozen):
+    """A top-level config: saved to and loaded from YAML exactly."""
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return load_yaml(cls, path)
+
+
 class ModelConfig(_Frozen):
     """Which model is fine-tuned, and how."""
 
@@ -206,7 +223,7 @@ class TrainingConfig(_Frozen):
     )
 
 
-class ExperimentConfig(_Frozen):
+class ExperimentConfig(_YamlFile):
     """A single training run: model, data, pruning, training."""
 
     name: str = Field("qtuning", description="Run name (MLflow run name, output folder).")
@@ -239,19 +256,6 @@ class ExperimentConfig(_Frozen):
     def pool_size(self) -> int:
         return self.pruning.selection_batch_size or self.training.micro_batch_size
 
-    # ---- YAML round trip -------------------------------------------------
-    def to_yaml(self) -> str:
-        return dump_yaml(self)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        return load_yaml(cls, path)
 
 
 def dump_yaml(cfg: BaseModel) -> str:
@@ -404,7 +408,7 @@ class PipelineConfig(_Frozen):
         return self
 
 
-class CompareConfig(_Frozen):
+class CompareConfig(_YamlFile):
     """A comparison: full-data SFT and pruned arms on the same model, data, steps and evaluation.
 
     The defaults are the embedded main job (`qtuning run`): SmolLM2-135M-Instruct, 48 ShareGPT rows of at
@@ -470,19 +474,6 @@ class CompareConfig(_Frozen):
         """The single run an arm trains: the shared model, data and training with the arm's pruning."""
         return ExperimentConfig(name=arm.name, model=self.model, data=self.data, pruning=arm.pruning, training=self.training)
 
-    # ---- YAML round trip -------------------------------------------------
-    def to_yaml(self) -> str:
-        return dump_yaml(self)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> CompareConfig:
-        return load_yaml(cls, path)
 
 
 # ---- sweeps: grids of arms around one shared recipe ---------------------------------------------------------
@@ -490,7 +481,7 @@ SWEEP_ARM_FIELDS = ("mode",)  # besides pruning.*: the arm's scoring mode
 SEED_AXIS = "training.seed"
 
 
-class SweepConfig(_Frozen):
+class SweepConfig(_YamlFile):
     """A grid (or an explicit list) of pruned arms around one shared model, data, training and evaluation.
 
     Axes are dotted paths: any `pruning.*` field, `mode` (dynamic/static) and `training.seed`. Shared
@@ -591,18 +582,6 @@ class SweepConfig(_Frozen):
             for seed in self.seeds
         ]
 
-    def to_yaml(self) -> str:
-        return dump_yaml(self)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> SweepConfig:
-        return load_yaml(cls, path)
 
 
 _SHORT = {"sample_ratio": "rs", "token_ratio": "rt", "lam": "lam"}
