@@ -41,7 +41,7 @@ def eu_triage(scores: pd.DataFrame, ratio: float, iters: int = 10, tol: float = 
 
 
 def quadrant_shares(t: Triage) -> dict[str, float]:
-    """Share of rows per quadrant (before fill-in), kept share, fill-ins, and the alpha = beta reached."""
+    """Share of rows per quadrant (fill-ins counted where they count), kept share, fill-ins, alpha = beta reached."""
     n = len(t.keep)
     shares = {f"q{q}": float((t.quadrant == q).sum() / n) for q in (1, 2, 3, 4)}
     shares.update(
@@ -103,7 +103,8 @@ def eu_plane_figure(
             ax.axvline(x, color="black", lw=0.8, ls="--")
         for y in (th["ent_low"], th["ent_high"]):
             ax.axhline(max(y, 1e-6), color="black", lw=0.8, ls=":")
-        title = f"{title} - keep ratio {ratio:g}, alpha=beta={t.alpha:.3f}, kept {int(t.keep.sum())}/{len(t.keep)}"
+        title = (f"{title} - keep ratio {ratio:g}, alpha=beta={t.alpha:.3f}, kept {int(t.keep.sum())}/{len(t.keep)}"
+                 + (f" ({t.filled} filled in by distance from the diagonal)" if t.filled else ""))
     # log axes, unless the values span less than a factor of 3 (log ticks then all read the same)
     for values, set_scale in ((ppl, ax.set_xscale), (ent, ax.set_yscale)):
         if len(values) and values.max() / max(values.min(), 1e-12) >= 3:
