@@ -11,7 +11,7 @@ from typing import Literal
 from prefect import flow
 
 from qtuning.config import ExperimentConfig, ModelConfig, PipelineConfig
-from qtuning.evaluate import EvalConfig
+from qtuning.config import EvalConfig
 from tasks.comparison import arm_result
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.evaluation import evaluate, log_evaluation

@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
-from qtuning.evaluate import TASK_PREFIX, EvalConfig
+from qtuning.config import EvalConfig
+from qtuning.evaluate import TASK_PREFIX
 
 
 @task(name="check_assets", cache_policy=NO_CACHE)

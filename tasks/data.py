@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
-from qtuning.evaluate import TASK_PREFIX, EvalConfig
+from qtuning.config import EvalConfig
+from qtuning.evaluate import TASK_PREFIX
 from tasks.caching import DATA_MODULES, StageCache, model_fingerprint, runs_root, source_fingerprint, stage_key
 from tasks.records import DataRecord
 from tasks.tracking import RunRef, log_dataset, log_metrics, log_params

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ModelConfig, PipelineConfig
-from qtuning.evaluate import EvalConfig
+from qtuning.config import EvalConfig
 from tasks.caching import EVAL_MODULES, StageCache, file_fingerprint, model_fingerprint, path_fingerprint, runs_root, stage_key
 from tasks.records import EvalRecord
 from tasks.tracking import RunRef, log_artifact, log_dataset, log_metrics, log_params

@@ -148,7 +148,7 @@ def tiny_compare_config():
     rows, one item per benchmark, full data vs Q-Tuning 25%x50%, runs and a SQLite MLflow store under `root`
     (about a minute and a half on 2 cores)."""
     from qtuning.config import CompareConfig, DataConfig, PipelineConfig, TrainingConfig
-    from qtuning.evaluate import EvalConfig
+    from qtuning.config import EvalConfig
     from qtuning.modeling import tiny_model_config
 
     def build(root: Path, name: str = "e2e") -> CompareConfig:
