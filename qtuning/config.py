@@ -16,11 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qtuning.rules import SAMPLE_RULES, TOKEN_RULES, describe
+from qtuning.triage import keep_count
+
 BUNDLED_MODEL = "smollm2-135m-instruct"
 DATA_PRESETS = ("sharegpt", "arc")
 
-SampleRule = Literal["all", "random", "longest", "infobatch", "ppl", "entropy", "qtuning"]
-TokenRule = Literal["all", "random", "ppl", "qtuning"]
+# The rule names come from the registry, the only list of them (qtuning.rules; no torch at import).
+SampleRule = Literal[tuple(SAMPLE_RULES)]  # type: ignore[valid-type]
+TokenRule = Literal[tuple(TOKEN_RULES)]  # type: ignore[valid-type]
 
 
 class _Frozen(BaseModel):
@@ -122,15 +126,12 @@ class PruningConfig(_Frozen):
     """What to keep of each selection pool: which samples (stage 1), which of their tokens (stage 2)."""
 
     sample: SampleRule = Field(
-        "qtuning",
-        description="Sample rule. qtuning: EU-plane quadrant triage; all: keep every row (full data); random; "
-        "longest; infobatch (drop low-loss rows at random, rescale survivors); ppl (highest perplexity); "
-        "entropy (highest mean predictive entropy).",
+        "qtuning", description="Sample rule (stage 1), from the registry qtuning.rules. " + describe(SAMPLE_RULES) + "."
     )
     token: TokenRule = Field(
         "qtuning",
-        description="Token rule for rows the sample rule marks for pruning (Q2 for qtuning, every kept row otherwise). "
-        "qtuning: drop the highest context-aware PPL scores; ppl: keep the highest-loss tokens; random; all.",
+        description="Token rule (stage 2) for rows the sample rule marks for pruning (Q2 for qtuning, every kept row "
+        "otherwise), from the registry qtuning.rules. " + describe(TOKEN_RULES) + ".",
     )
     sample_ratio: float = Field(0.25, gt=0.0, le=1.0, description="r_s: share of each pool's samples kept.")
     token_ratio: float = Field(0.5, gt=0.0, le=1.0, description="r_t: share of a pruned row's response tokens kept.")
@@ -186,8 +187,8 @@ class PruningConfig(_Frozen):
 
     @property
     def needs_scores(self) -> bool:
-        """True when the rule needs the no-grad scoring forward (random/longest/all do not)."""
-        return self.sample in ("qtuning", "ppl", "entropy", "infobatch") or self.token in ("qtuning", "ppl")
+        """True when either rule needs the no-grad scoring forward (the registry says which do)."""
+        return SAMPLE_RULES[self.sample].needs_scores or TOKEN_RULES[self.token].needs_scores
 
 
 class TrainingConfig(_Frozen):
@@ -311,12 +312,6 @@ def with_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
             raise ConfigError(f"override {dotted!r}: unknown field {leaf!r}")
         node[leaf] = value
     return validate(type(cfg), raw, "overrides " + ", ".join(overrides))
-
-
-def keep_count(pool: int, ratio: float) -> int:
-    """K = max(1, round(b * r_s)): rows a pool keeps."""
-    return max(1, round(pool * ratio))
-
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------

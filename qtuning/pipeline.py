@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qtuning.config import FULL_DATA, ExperimentConfig, PruningConfig, keep_count
-from qtuning.pruning import Q2_MISCONCEPTION, Selection, prune_tokens
+from qtuning.config import FULL_DATA, ExperimentConfig, PruningConfig
+from qtuning.pruning import prune_tokens
+from qtuning.rules import Selection
+from qtuning.triage import Q2_MISCONCEPTION, keep_count
 from qtuning.report import eu_thresholds, eu_triage, quadrant_shares
 
 

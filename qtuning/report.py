@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qtuning.pruning import Q1_NOISE, Q2_MISCONCEPTION, Q3_MASTERED, Q4_CALIBRATION, Triage, triage
+from qtuning.triage import Q1_NOISE, Q2_MISCONCEPTION, Q3_MASTERED, Q4_CALIBRATION, Triage, triage
 
 QUADRANTS = {
     Q1_NOISE: ("Q1 harmful noise", "#d62728"),

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.config import ExperimentConfig, TrainingConfig, load_yaml, with_overrides
-from qtuning.pruning import SAMPLE_RULES, PoolStats, Selection, prune_tokens
+from qtuning.pruning import prune_tokens
+from qtuning.rules import SAMPLE_RULES, PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, collate
 from qtuning.scoring import score_tokens
 

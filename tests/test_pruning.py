@@ -7,18 +7,9 @@ import pytest
 import torch
 
 from qtuning.config import PruningConfig
-from qtuning.pruning import (
-    Q1_NOISE,
-    Q2_MISCONCEPTION,
-    Q3_MASTERED,
-    Q4_CALIBRATION,
-    SAMPLE_RULES,
-    PoolStats,
-    Selection,
-    context_scores,
-    prune_tokens,
-    triage,
-)
+from qtuning.pruning import prune_tokens
+from qtuning.rules import SAMPLE_RULES, PoolStats, Selection, context_scores
+from qtuning.triage import Q1_NOISE, Q2_MISCONCEPTION, Q3_MASTERED, Q4_CALIBRATION, triage
 from qtuning.data import IGNORE_INDEX as IGNORE
 
 
@@ -216,7 +207,32 @@ def test_every_rule_is_registered_for_the_config_choices():
     from typing import get_args
 
     from qtuning.config import SampleRule, TokenRule
-    from qtuning.pruning import TOKEN_RULES
+    from qtuning.rules import TOKEN_RULES
 
     assert set(get_args(SampleRule)) == set(SAMPLE_RULES)
     assert set(get_args(TokenRule)) == set(TOKEN_RULES)
+
+
+def test_a_new_rule_is_one_function():
+    """Registering a function (as one more function in qtuning/rules.py would) is all it takes: the config accepts
+    the name, describes it and reads its needs_scores. In a fresh interpreter: the config reads the registry at import."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import torch",
+        "import qtuning.rules as rules",
+        "@rules.sample_rule('shortest', needs_scores=False)",
+        "def _shortest(pool, ratio, cfg, gen):",
+        "    'The shortest examples.'",
+        "    return rules.Selection.top_k(-pool.lengths.float(), rules.keep_count(pool.size, ratio))",
+        "from qtuning.config import PruningConfig",
+        "cfg = PruningConfig(sample='shortest', token='random')",
+        "assert not cfg.needs_scores",
+        "assert 'shortest: The shortest examples' in PruningConfig.model_fields['sample'].description",
+        "stats = rules.PoolStats(lengths=torch.tensor([5, 2, 9]), response_lengths=torch.tensor([1, 1, 1]))",
+        "print(rules.SAMPLE_RULES[cfg.sample].fn(stats, 0.3, cfg, None).keep.tolist())",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[False, True, False]"
