@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
 from qtuning.config import EvalConfig
-from qtuning.evaluate import TASK_PREFIX
+from qtuning.evaluation import TASK_PREFIX
 
 
 @task(name="check_assets", cache_policy=NO_CACHE)

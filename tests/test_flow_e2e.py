@@ -26,7 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.compare import compare
 from qtuning.config import CompareConfig, DataConfig, PipelineConfig, TrainingConfig, with_overrides
 from qtuning.config import EvalConfig
-from qtuning.evaluate import DEFAULT_TASKS
+from qtuning.config import BUNDLED_TASKS as DEFAULT_TASKS
 from qtuning.modeling import tiny_model_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

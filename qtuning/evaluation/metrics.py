@@ -1,9 +1,10 @@
 """Answer normalisation and scoring for the generative benchmarks (GSM8K, SQuAD, TriviaQA).
 
-These are the functions the generated task YAMLs name with
-`!function qtuning.eval_tasks.metrics.<fn>`; lm-eval 0.4.13 resolves a dotted
+These are the functions the task YAMLs in `tasks/` name with
+`!function qtuning.evaluation.metrics.<fn>`; lm-eval 0.4.13 resolves a dotted
 name by ordinary import when no file of that name sits next to the YAML, so
-one copy of the logic serves lm-eval and the unit tests.
+one copy of the logic serves lm-eval and the unit tests. Pure Python: no
+torch, no lm-eval, nothing heavy to import.
 
 The rules follow the paper's protocol (OpenCompass):
 - GSM8K: the last number in the generated chain of thought equals the gold
