@@ -1,6 +1,6 @@
 """Serve qtuning's flows as Prefect deployments: a schedule, and default parameters from a config file.
 
-    qtuning serve --config compare.yaml --cron "0 3 * * *"     # = python -m qtuning.serve_cli ...
+    qtuning serve --config compare.yaml --cron "0 3 * * *"     # = python -m commands.serve ...
 
 Each flow becomes the deployment `<flow>/qtuning-<flow>` (`compare/qtuning-compare`, ...), served by this
 process (`prefect.serve`): it polls the server for due runs and executes each in a subprocess, `limit` at a

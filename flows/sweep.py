@@ -17,7 +17,7 @@ from qtuning.config import SweepConfig
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.records import SweepResult
 from tasks.runs import open_run
-from tasks.sweep import summarize_sweep
+from tasks.comparison import summarize_sweep
 from tasks.tracking import run_status
 
 

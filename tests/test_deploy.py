@@ -19,8 +19,8 @@ import yaml
 
 from flows import deploy
 from qtuning.config import CompareConfig, with_overrides
-from qtuning.serve_cli import main as serve_main
-from qtuning.ui_cli import main as ui_main
+from commands.serve import main as serve_main
+from commands.ui import main as ui_main
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -111,7 +111,7 @@ def test_a_scheduled_run_is_created_and_completes(prefect_server, background, co
     env = {**prefect_server["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     log = tmp_path / "serve.log"
     start = time.monotonic()
-    serving = background([sys.executable, "-m", "qtuning.serve_cli", "--config", str(path), "--flows", "health",
+    serving = background([sys.executable, "-m", "commands.serve", "--config", str(path), "--flows", "health",
                           "--interval", "5"], log, env)
 
     completed, deployment = None, None
@@ -160,7 +160,7 @@ def test_a_team_set_up_work_pool_worker_and_runs_triggered_by_hand(prefect_serve
 
     start = time.monotonic()
     sh(prefect, "work-pool", "create", "qtuning-team", "--type", "process")
-    out = sh(sys.executable, "-m", "qtuning.serve_cli", "--config", str(path), "--flows", "health,compare",
+    out = sh(sys.executable, "-m", "commands.serve", "--config", str(path), "--flows", "health,compare",
              "--work-pool", "qtuning-team")
     assert "registered on work pool 'qtuning-team'" in out and "prefect worker start --pool qtuning-team" in out
     background([prefect, "worker", "start", "--pool", "qtuning-team", "--limit", "1"], tmp_path / "worker.log", env)
@@ -179,7 +179,7 @@ def test_a_team_set_up_work_pool_worker_and_runs_triggered_by_hand(prefect_serve
 
     # The README's pipe: a config edited with `qtuning run --set`, sent as the compare deployment's `config`;
     # the server validates it against the form's schema. Started a day later: nothing trains here.
-    edited = sh(sys.executable, "-m", "qtuning.run_cli", "--config", str(path), "--set", "training.lr=1e-4", "--print-config")
+    edited = sh(sys.executable, "-m", "commands.run", "--config", str(path), "--set", "training.lr=1e-4", "--print-config")
     params = json.dumps({"config": yaml.safe_load(edited)})
     out = sh(prefect, "deployment", "run", "compare/qtuning-compare", "--params", "-", "--start-in", "1 day", stdin=params)
     later_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)

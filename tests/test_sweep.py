@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qtuning.config import ConfigError, SweepConfig, validate
-from qtuning.sweep import format_sweep_table, sweep_figure, sweep_table
+from qtuning.report import format_sweep_table, sweep_figure, sweep_table
 
 
 def test_grid_crosses_axes_and_always_includes_the_baseline():

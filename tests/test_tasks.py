@@ -13,7 +13,7 @@ from prefect.logging import disable_run_logger
 
 from qtuning.config import FULL_DATA, ArmConfig, CompareConfig, ConfigError, DataConfig, ExperimentConfig, PipelineConfig, TrainingConfig, validate
 from qtuning.modeling import tiny_model_config
-from qtuning.run_cli import build_config, build_parser, main, parse_arm
+from commands.run import build_config, build_parser, main, parse_arm
 from tasks import caching, data as data_tasks, training, tracking
 
 QT = {"sample": "qtuning", "token": "qtuning", "sample_ratio": 0.25, "token_ratio": 0.5}

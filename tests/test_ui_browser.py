@@ -52,7 +52,7 @@ def mlflow_ui(config, background, tmp_path_factory) -> dict:
     MlflowClient(config.pipeline.tracking_uri).search_experiments()  # create the tables here, not in two processes at once
     log = tmp_path_factory.mktemp("mlflow_ui") / "ui.log"
     port = free_port()
-    proc = background([sys.executable, "-m", "qtuning.ui_cli", "--port", str(port),
+    proc = background([sys.executable, "-m", "commands.ui", "--port", str(port),
                        "--tracking-uri", config.pipeline.tracking_uri], log)
     return {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
 

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from flows.run import run_comparison  # Prefect and MLflow load only now (qtuning itself never imports them)
+    from flows.run import run_comparison  # Prefect and MLflow load only now
 
     start = time.perf_counter()
     print(f"qtuning run: {cfg.name}: {', '.join(a.name for a in cfg.arms)} on {cfg.model.name}, "

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
 
-    from flows.run import PREFECT_DEFAULTS  # Prefect start-up settings, then the flow (qtuning never imports Prefect)
+    from flows.run import PREFECT_DEFAULTS  # Prefect start-up settings, then the flow
     import os
 
     for k, v in PREFECT_DEFAULTS.items():
