@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--config", metavar="FILE", help="CompareConfig YAML; options below override it")
     ap.add_argument("--json", metavar="FILE", help="write {parent_run_id, arms: [{name, scores, <benchmark>..., average, "
-                    "ratio_to_full, loss_tokens, train_seconds}]} to FILE")
+                    "ratio_to_full, loss_tokens, loop_seconds}]} to FILE")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
     g = ap.add_argument_group("model and data")

@@ -67,7 +67,7 @@ def time_epochs(base: ExperimentConfig, out: Path) -> dict[str, dict]:
             update={"pruning": pruning, "training": base.training.model_copy(update={"output_dir": str(out / name)})}
         )
         s = train(cfg, progress=True, save=False)
-        results[name] = {k: s[k] for k in ("train_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss")}
+        results[name] = {k: s[k] for k in ("loop_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss")}
     return results
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_length = args.max_length or (192 if args.quick else 256)
     with tempfile.TemporaryDirectory(prefix="qtuning-bench-") as tmp:
         epochs = time_epochs(bench_config(args.quick, rows, args.max_length, args.micro_batch, Path(tmp)), Path(tmp))
-    full = epochs["full"]["train_seconds"]
+    full = epochs["full"]["loop_seconds"]
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "model": "tiny-random (real tokenizer)" if args.quick else "SmolLM2-135M-Instruct",
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": args.max_length,
         "micro_batch": args.micro_batch,
         "epochs": epochs,
-        "cost_ratio_qtuning": epochs["qtuning"]["train_seconds"] / full,
-        "cost_ratio_random": epochs["random"]["train_seconds"] / full,
-        "cost_ratio_qtuning_pool": epochs["qtuning_pool"]["train_seconds"] / full,
+        "cost_ratio_qtuning": epochs["qtuning"]["loop_seconds"] / full,
+        "cost_ratio_random": epochs["random"]["loop_seconds"] / full,
+        "cost_ratio_qtuning_pool": epochs["qtuning_pool"]["loop_seconds"] / full,
         "scoring_share_qtuning": epochs["qtuning"]["score_seconds"] / full,
         **memory_ratio(args.quick, args.micro_batch, args.max_length),
     }
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'arm':<14}{'epoch s':>10}{'scoring s':>11}{'ratio':>8}{'steps':>7}{'loss tokens':>13}")
     for name, e in epochs.items():
         print(
-            f"{name:<14}{e['train_seconds']:>10.1f}{e['score_seconds']:>11.1f}{e['train_seconds'] / full:>8.2f}"
+            f"{name:<14}{e['loop_seconds']:>10.1f}{e['score_seconds']:>11.1f}{e['loop_seconds'] / full:>8.2f}"
             f"{e['optimizer_steps']:>7}{e['loss_tokens']:>13}"
         )
     print(

@@ -20,6 +20,7 @@ from qtuning.rules import SAMPLE_RULES, TOKEN_RULES, describe
 from qtuning.triage import keep_count
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
+SCORE_CHUNK_TOKENS = 2048  # positions per chunk of the scoring head: its fp32 logits are chunk x vocabulary
 DATA_PRESETS = ("sharegpt", "arc")
 
 # The rule names come from the registry, the only list of them (qtuning.rules; no torch at import).
@@ -105,6 +106,11 @@ class DataConfig(_Frozen):
     seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A malformed row stops the run with file/row/field ('error') or is skipped and counted."
+    )
+    subset: str | None = Field(
+        None,
+        description="A file of sample ids, one per line: train on those rows of the tokenized set only. A static arm's "
+        "prune stage writes it (the rows its triage keeps); the data set itself is prepared once, for every arm.",
     )
 
     @field_validator("source")
@@ -216,7 +222,7 @@ class TrainingConfig(_Frozen):
         False, description="Order pools so rows of similar length meet (less padding); changes which rows share a pool."
     )
     score_chunk_tokens: int = Field(
-        2048, ge=16, description="Positions per chunk of the scoring head, bounding its fp32 logits to chunk x vocab."
+        SCORE_CHUNK_TOKENS, ge=16, description="Positions per chunk of the scoring head, bounding its fp32 logits to chunk x vocab."
     )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
     accelerate_config: str | None = Field(

@@ -60,7 +60,7 @@ class LoadedRows:
 
 @dataclass(frozen=True)
 class SFTData:
-    """A tokenized SFT set.
+    """A tokenized SFT set: written once (``save``), read by every later step (``load``), never tokenized again.
 
     ``dataset`` columns: ``sample_id`` (str), ``input_ids`` and ``labels`` (list[int], labels -100 off the
     response), ``length`` (tokens) and ``response_length`` (labelled tokens).
@@ -70,6 +70,47 @@ class SFTData:
     fingerprint: str  # sha256 of source content + data config + tokenizer; keys caches across processes
     skipped: dict[str, int]  # reason -> rows dropped (bad rows, "response truncated away")
     source: str  # the resolved source: a file path or a hub id
+    config: DataConfig  # what it was built from (``subset`` is applied later, by ``select_ids``)
+
+    META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, source, config
+
+    def save(self, path: str | Path) -> Path:
+        """The dataset's arrow files and ``sft_data.json`` into the folder `path` (created; its content replaced)."""
+        path = Path(path)
+        self.dataset.save_to_disk(str(path))
+        meta = {"fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
+                "config": self.config.model_dump(mode="json")}
+        (path / self.META).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SFTData:
+        """A set written by ``save`` (memory-mapped arrow files: opening it costs no tokenization)."""
+        path = Path(path)
+        meta_path = path / cls.META
+        if not meta_path.is_file():
+            raise DataError(f"{path}: not a tokenized qtuning data set (no {cls.META}); prepare it with qtuning.data")
+        meta = json.loads(meta_path.read_text())
+        return cls(datasets.load_from_disk(str(path)), meta["fingerprint"], meta["skipped"], meta["source"],
+                   DataConfig.model_validate(meta["config"]))
+
+    def select_ids(self, ids_file: str | Path) -> SFTData:
+        """The rows whose sample_id is listed in `ids_file` (one per line), in the data set's order.
+
+        The subset is a new data set: its fingerprint covers the parent's and the ids. An id that is not in
+        the data set is an error naming the file and line (a subset of another data set, most likely).
+        """
+        path = Path(ids_file)
+        wanted = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        position = {sid: i for i, sid in enumerate(self.dataset["sample_id"])}
+        unknown = [(n, sid) for n, sid in enumerate(wanted, 1) if sid not in position]
+        if unknown:
+            n, sid = unknown[0]
+            raise DataError(f"{path}: line {n}: sample id {sid!r} is not in the data set ({len(unknown)} unknown id(s)); "
+                            "the subset file belongs to another data set")
+        rows = sorted(position[sid] for sid in set(wanted))
+        digest = hashlib.sha256((self.fingerprint + "\n" + "\n".join(sorted(set(wanted)))).encode()).hexdigest()
+        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config)
 
 
 # ---- reading and validating -------------------------------------------------------------------------------
@@ -355,7 +396,7 @@ _FEATURES = datasets.Features(
 
 
 def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) -> SFTData:
-    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate``."""
+    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate`` (then ``cfg.subset``, if set)."""
     rows = load_rows(cfg)
     columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress)
     skipped = Counter(rows.skipped) + Counter(dropped)
@@ -364,12 +405,15 @@ def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) ->
             f"{cfg.source}: no row keeps a response token within data.max_length={cfg.max_length}; "
             "raise data.max_length"
         )
-    return SFTData(
+    base = cfg.model_copy(update={"subset": None})
+    data = SFTData(
         dataset=datasets.Dataset.from_dict(columns, features=_FEATURES),
-        fingerprint=fingerprint(cfg, tokenizer),
+        fingerprint=fingerprint(base, tokenizer),
         skipped=dict(skipped),
         source=rows.source,
+        config=base,
     )
+    return data.select_ids(cfg.subset) if cfg.subset else data
 
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qtuning.config import FULL_DATA, ExperimentConfig, PruningConfig
+from qtuning.config import FULL_DATA, SCORE_CHUNK_TOKENS, ExperimentConfig, PruningConfig
 from qtuning.pruning import prune_tokens
 from qtuning.rules import Selection
 from qtuning.triage import Q2_MISCONCEPTION, keep_count
@@ -110,7 +110,7 @@ def token_view(
     scores: pd.DataFrame,
     pruning: PruningConfig,
     n_samples: int = 4,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = SCORE_CHUNK_TOKENS,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Prompt, kept and pruned tokens of up to `n_samples` rows under the arm's token rule, scored by `model`.

@@ -121,10 +121,10 @@ def eu_plane_figure(
 
 # --------------------------------------------------------------------------- the comparison table
 def comparison_table(arms: Sequence[Mapping[str, Any]], baseline: str | None = None) -> pd.DataFrame:
-    """One row per arm: benchmark scores (percent), average, ratio_to_full, loss_tokens, train_seconds.
+    """One row per arm: benchmark scores (percent), average, ratio_to_full, loss_tokens, loop_seconds.
 
     Each arm is a mapping with `name`, `scores` ({benchmark: percent}), `average`, `loss_tokens` and
-    `train_seconds`. `baseline` names the full-data arm (default: the arm named 'full', else the first);
+    `loop_seconds`. `baseline` names the full-data arm (default: the arm named 'full', else the first);
     ratio_to_full = average / the baseline's average.
     """
     names = [a["name"] for a in arms]
@@ -143,7 +143,7 @@ def comparison_table(arms: Sequence[Mapping[str, Any]], baseline: str | None = N
         row["average"] = avg
         row["ratio_to_full"] = avg / base_avg if base_avg else math.nan
         row["loss_tokens"] = int(a.get("loss_tokens") or 0)
-        row["train_seconds"] = float(a.get("train_seconds") or 0.0)
+        row["loop_seconds"] = float(a.get("loop_seconds") or 0.0)
         rows.append(row)
     return pd.DataFrame(rows).set_index("arm")
 
@@ -159,7 +159,7 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
             return f"{v:.3f}"
         if col == "loss_tokens":
             return f"{int(v):,}"
-        if col == "train_seconds":
+        if col == "loop_seconds":
             return f"{v:.1f}"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -222,23 +222,23 @@ def pruned_tokens_html(samples: Sequence[Mapping[str, Any]], title: str = "Prune
 
 # --------------------------------------------------------------------------- sweeps: arms over seeds
 def sweep_table(rows: Sequence[Mapping[str, Any]], baseline: str = "full") -> pd.DataFrame:
-    """`rows`: one per (arm, seed) with name, seed, scores (dict), average, loss_tokens, train_seconds."""
+    """`rows`: one per (arm, seed) with name, seed, scores (dict), average, loss_tokens, loop_seconds."""
     flat = pd.DataFrame(
         [
             {"arm": r["name"], "seed": r["seed"], **dict(r["scores"]), "average": r["average"],
-             "loss_tokens": r["loss_tokens"], "train_seconds": r["train_seconds"]}
+             "loss_tokens": r["loss_tokens"], "loop_seconds": r["loop_seconds"]}
             for r in rows
         ]
     )
     order = list(dict.fromkeys(flat["arm"]))  # first-seen order: the baseline, then the sweep's arms
-    benchmarks = [b for b in BENCHMARKS if b in flat] + [c for c in flat if c not in (*BENCHMARKS, "arm", "seed", "average", "loss_tokens", "train_seconds")]
+    benchmarks = [b for b in BENCHMARKS if b in flat] + [c for c in flat if c not in (*BENCHMARKS, "arm", "seed", "average", "loss_tokens", "loop_seconds")]
     g = flat.groupby("arm", sort=False)
-    table = g[benchmarks + ["average", "loss_tokens", "train_seconds"]].mean()
+    table = g[benchmarks + ["average", "loss_tokens", "loop_seconds"]].mean()
     table["average_sd"] = g["average"].std(ddof=1).fillna(0.0) if len(flat) > len(order) else 0.0
     table["seeds"] = g["seed"].nunique()
     base = table.loc[baseline, "average"] if baseline in table.index else float("nan")
     table["ratio_to_full"] = table["average"] / base if base else float("nan")
-    cols = benchmarks + ["average", "average_sd", "ratio_to_full", "loss_tokens", "train_seconds", "seeds"]
+    cols = benchmarks + ["average", "average_sd", "ratio_to_full", "loss_tokens", "loop_seconds", "seeds"]
     return table.loc[order, cols]
 
 
@@ -256,7 +256,7 @@ def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
                 cells.append("" if pd.isna(v) else f"{v:.3f}")
             elif c == "loss_tokens":
                 cells.append(f"{v:,.0f}")
-            elif c == "train_seconds":
+            elif c == "loop_seconds":
                 cells.append(f"{v:.1f}")
             else:
                 cells.append(f"{v:.2f}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtuning.config import SCORE_CHUNK_TOKENS
 from qtuning.data import IGNORE_INDEX as IGNORE
 
 @dataclass
@@ -71,7 +72,7 @@ def score_tokens(
     labels: Tensor,  # (B, T), IGNORE off the response
     *,
     entropy_scope: Literal["response", "all"] = "response",
-    chunk_tokens: int = 512,
+    chunk_tokens: int = SCORE_CHUNK_TOKENS,
 ) -> TokenScores:
     """Token NLL and full-vocabulary entropy from one no-grad forward, chunked over positions."""
     B, T = input_ids.shape
@@ -117,7 +118,7 @@ def score_dataset(
     *,
     batch_size: int = 8,
     entropy_scope: Literal["response", "all"] = "response",
-    chunk_tokens: int = 512,
+    chunk_tokens: int = SCORE_CHUNK_TOKENS,
     device: torch.device | str | None = None,
     progress: bool = True,
 ):

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtuning.config import ExperimentConfig, TrainingConfig, load_yaml, with_overrides
+from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, with_overrides
 from qtuning.pruning import prune_tokens
 from qtuning.rules import SAMPLE_RULES, PoolStats, Selection
-from qtuning.data import IGNORE_INDEX as IGNORE, Batch, collate
+from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
 from qtuning.scoring import score_tokens
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -168,8 +168,8 @@ class TrainState:
     loss_tokens: int = 0  # tokens that carried loss so far
     samples_trained: int = 0
     samples_seen: int = 0
-    score_seconds: float = 0.0
-    train_seconds: float = 0.0
+    score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
+    learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -213,6 +213,7 @@ def _mixed_precision(t: TrainingConfig) -> str:
 def train(
     cfg: ExperimentConfig,
     *,
+    data: SFTData | None = None,
     resume: bool = False,
     log_fn: LogFn | None = None,
     progress: bool = True,
@@ -220,16 +221,18 @@ def train(
 ) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.pruning`; returns the run summary (also in summary.json).
 
-    `save=False` writes no checkpoint and no final model (benchmarks, tests of the loop itself).
+    `data`: the tokenized set `cfg.data` describes, prepared once (`qtuning.data.build_sft_dataset`, saved and
+    loaded with `SFTData.save/load`); without it the rows are read and tokenized here. `cfg.data.subset` applies
+    either way. `save=False` writes no checkpoint and no final model (benchmarks, tests of the loop itself).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from qtuning.data import build_sft_dataset
     from qtuning.modeling import load_model, load_tokenizer, save_final
 
+    wall_start = time.perf_counter()
     t, out = cfg.training, Path(cfg.training.output_dir)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False)
     set_seed(t.seed)
@@ -237,8 +240,11 @@ def train(
 
     # ---- data, model, optimizer
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():
-        data = build_sft_dataset(cfg.data, tokenizer, progress=progress and accelerator.is_main_process)
+    if data is None:
+        with accelerator.main_process_first():
+            data = build_sft_dataset(cfg.data, tokenizer, progress=progress and accelerator.is_main_process)
+    else:
+        data = matching_data(data, cfg.data)
     all_ids, all_labels = list(data.dataset["input_ids"]), list(data.dataset["labels"])
     lengths = np.asarray(data.dataset["length"])
     model = load_model(cfg.model)
@@ -316,7 +322,7 @@ def train(
         state.samples_trained += int(n_kept)
         state.samples_seen += int(n_pool)
         state.score_seconds += score_end - step_start
-        state.train_seconds += step_end - score_end
+        state.learn_seconds += step_end - score_end
         summary_loss = loss_value
         alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
         metrics = {
@@ -329,7 +335,7 @@ def train(
             "prune/kept_tokens": n_loss_tok / max(n_resp, 1),
             "prune/q1": q1, "prune/q2": q2, "prune/q3": q3, "prune/q4": q4, "prune/filled": filled,
             "time/score_seconds": score_end - step_start,
-            "time/train_seconds": step_end - score_end,
+            "time/learn_seconds": step_end - score_end,
             "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
         }
         if alphas:
@@ -353,7 +359,9 @@ def train(
         "samples_trained": state.samples_trained,
         "samples_seen": state.samples_seen,
         "score_seconds": round(state.score_seconds, 3),
-        "train_seconds": round(state.score_seconds + state.train_seconds, 3),
+        "learn_seconds": round(state.learn_seconds, 3),
+        "loop_seconds": round(state.score_seconds + state.learn_seconds, 3),  # the training loop: what pruning changes
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),  # loop + data, model load and saving
         "data_fingerprint": data.fingerprint,
         "data_rows": len(lengths),
         "data_skipped": data.skipped,
@@ -367,6 +375,17 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def matching_data(data: SFTData, cfg: DataConfig) -> SFTData:
+    """`data` narrowed to `cfg.subset`, after checking that it was prepared from `cfg` (anything else would train on
+    rows the config does not describe)."""
+    if data.config != cfg.model_copy(update={"subset": None}):
+        raise DataError(
+            f"the tokenized data set ({data.source}, fingerprint {data.fingerprint[:12]}) was prepared from another "
+            f"data config than the run's; prepare it from this run's data section"
+        )
+    return data.select_ids(cfg.subset) if cfg.subset else data
 
 
 def _sync(device: torch.device) -> None:
@@ -393,6 +412,8 @@ class _MetricsFile:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qtuning.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="ExperimentConfig YAML")
+    ap.add_argument("--data", metavar="DIR", help="the tokenized data set (SFTData.save) the config's data section describes; "
+                    "default: read and tokenize data.source here")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. pruning.sample_ratio=0.5")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -406,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        data = SFTData.load(args.data) if args.data else None
+    except DataError as e:
+        print(e, file=sys.stderr)
+        return 2
+    summary = train(cfg, data=data, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 

@@ -22,7 +22,7 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
         scores=evaluated.scores,
         average=evaluated.average,
         loss_tokens=int(trained.summary["loss_tokens"]) if trained else 0,
-        train_seconds=float(trained.summary["train_seconds"]) if trained else 0.0,
+        loop_seconds=float(trained.summary["loop_seconds"]) if trained else 0.0,
         final_dir=trained.final_dir if trained else None,
         eval_results_path=evaluated.results_path,
     )
@@ -40,10 +40,10 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
         r = table.loc[a.name]
         row = {"name": a.name, "run_id": a.run_id, "scores": dict(a.scores), **dict(a.scores),
                "average": a.average, "ratio_to_full": _num(r["ratio_to_full"]),
-               "loss_tokens": a.loss_tokens, "train_seconds": a.train_seconds, "final_dir": a.final_dir}
+               "loss_tokens": a.loss_tokens, "loop_seconds": a.loop_seconds, "final_dir": a.final_dir}
         rows.append(row)
         log_metrics(parent, {f"compare/{a.name}/average": a.average, f"compare/{a.name}/ratio_to_full": row["ratio_to_full"] or math.nan,
-                             f"compare/{a.name}/loss_tokens": a.loss_tokens, f"compare/{a.name}/train_seconds": a.train_seconds,
+                             f"compare/{a.name}/loss_tokens": a.loss_tokens, f"compare/{a.name}/loop_seconds": a.loop_seconds,
                              **{f"compare/{a.name}/{b}": s for b, s in a.scores.items()}})
     log_text(parent, text + "\n", "comparison/table.txt")
     log_text(parent, markdown + "\n", "comparison/table.md")

@@ -96,7 +96,7 @@ class ArmResult(BaseModel):
     scores: dict[str, float]
     average: float
     loss_tokens: int
-    train_seconds: float
+    loop_seconds: float
     final_dir: str | None = None
     eval_results_path: str | None = None
 

@@ -141,7 +141,7 @@ def train(config: ExperimentConfig, run: RunRef | None, pipeline: PipelineConfig
     summary = json.loads((out / "summary.json").read_text())
     wall = time.perf_counter() - start
     log.info(f"{config.name}: {summary['optimizer_steps']} steps, final loss {summary['final_loss']:.4f}, "
-             f"{summary['loss_tokens']:,} loss tokens, {summary['train_seconds']:.1f}s in the loop, {wall:.1f}s wall")
+             f"{summary['loss_tokens']:,} loss tokens, {summary['loop_seconds']:.1f}s in the loop, {wall:.1f}s wall")
     return TrainRecord(
         key=key, produced_in=flow_run.id, name=config.name, output_dir=str(out), final_dir=str(out / "final"),
         config_path=str(out / "config.yaml"), metrics_path=str(metrics_file), summary=summary,
@@ -210,8 +210,9 @@ def log_training(run: RunRef, record: TrainRecord) -> None:
     log_metrics(run, {
         "summary/optimizer_steps": s["optimizer_steps"], "summary/final_loss": s["final_loss"],
         "summary/loss_tokens": s["loss_tokens"], "summary/samples_trained": s["samples_trained"],
-        "summary/train_seconds": s["train_seconds"], "summary/score_seconds": s["score_seconds"],
-        "summary/wall_seconds": record.wall_seconds,
+        "summary/loop_seconds": s["loop_seconds"], "summary/score_seconds": s["score_seconds"],
+        "summary/learn_seconds": s["learn_seconds"], "summary/wall_seconds": s["wall_seconds"],
+        "summary/task_seconds": record.wall_seconds,
     })
     for name in ("config.yaml", "summary.json", "metrics.jsonl"):
         path = Path(record.output_dir) / name

@@ -45,14 +45,14 @@ def test_eu_plane_without_ratio_draws_every_row_and_no_shares(scores):
 
 
 ARMS = [
-    {"name": "full", "scores": {"arc_easy": 50.0, "gsm8k": 2.0, "triviaqa": 18.0}, "average": 23.3, "loss_tokens": 1000, "train_seconds": 10.0},
-    {"name": "qt", "scores": {"arc_easy": 52.0, "gsm8k": 3.0, "triviaqa": 20.0}, "average": 25.0, "loss_tokens": 125, "train_seconds": 12.5},
+    {"name": "full", "scores": {"arc_easy": 50.0, "gsm8k": 2.0, "triviaqa": 18.0}, "average": 23.3, "loss_tokens": 1000, "loop_seconds": 10.0},
+    {"name": "qt", "scores": {"arc_easy": 52.0, "gsm8k": 3.0, "triviaqa": 20.0}, "average": 25.0, "loss_tokens": 125, "loop_seconds": 12.5},
 ]
 
 
 def test_comparison_table_ratio_to_full_and_columns():
     table = comparison_table(ARMS)
-    assert list(table.columns) == ["arc_easy", "gsm8k", "triviaqa", "average", "ratio_to_full", "loss_tokens", "train_seconds"]
+    assert list(table.columns) == ["arc_easy", "gsm8k", "triviaqa", "average", "ratio_to_full", "loss_tokens", "loop_seconds"]
     assert table.at["full", "ratio_to_full"] == pytest.approx(1.0)
     assert table.at["qt", "ratio_to_full"] == pytest.approx(25.0 / 23.3)
     text = format_table(table)

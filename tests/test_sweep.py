@@ -52,7 +52,7 @@ def _rows():
     for seed in (0, 1, 2):
         for i, name in enumerate(["full", "qt"]):
             out.append({"name": name, "seed": seed, "scores": {"arc_easy": 40.0 + i + seed, "gsm8k": 2.0},
-                        "average": 20.0 + 2 * i + seed, "loss_tokens": 1000 // (i + 1), "train_seconds": 10.0 - i})
+                        "average": 20.0 + 2 * i + seed, "loss_tokens": 1000 // (i + 1), "loop_seconds": 10.0 - i})
     return out
 
 
