@@ -33,7 +33,8 @@ def compare(config: CompareConfig = CompareConfig()) -> ComparisonResult:
         log_data(parent, data)
         scores = score_eu(data, config.model, pipeline, ref.pruning.entropy_scope, config.training.seed)
         log_scores(parent, scores, ref.pruning.sample_ratio if ref.pruning.sample == "qtuning" else None, title="base model")
-        arms = [experiment(config.experiment(arm), config.evaluation, pipeline, arm.mode, parent) for arm in config.arms]
+        arms = [experiment(config.experiment(arm), config.evaluation, pipeline, arm.mode, parent, arm.static_batch)
+                for arm in config.arms]
         if pipeline.zero_shot:
             arms.insert(0, zero_shot(config.model, config.evaluation, pipeline, parent))
         return compare_arms(parent, arms, baseline=config.baseline_arm.name)

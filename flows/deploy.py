@@ -95,7 +95,8 @@ def default_parameters(name: str, config: CompareConfig, sweep_config: str | Pat
     if name == "experiment":
         arm = config.reference_arm
         return {"config": js(config.experiment(arm)), "evaluation": js(config.evaluation),
-                "pipeline": js(config.pipeline), "mode": arm.mode}
+                "pipeline": js(config.pipeline), "mode": arm.mode,
+                "static_batch": arm.static_batch}
     if name == "health":
         return {"model": js(config.model), "data": js(config.data), "evaluation": js(config.evaluation),
                 "pipeline": js(config.pipeline)}

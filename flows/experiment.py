@@ -20,7 +20,7 @@ from tasks.records import ArmResult
 from tasks.runs import open_run
 from tasks.scoring import score_eu
 from tasks.tracking import RunRef, run_status
-from tasks.training import log_training, train
+from tasks.training import log_training, train_arm
 
 
 @flow(name="experiment", flow_run_name="experiment-{config.name}")
@@ -30,6 +30,7 @@ def experiment(
     pipeline: PipelineConfig = PipelineConfig(),
     mode: Literal["dynamic", "static"] = "dynamic",
     parent: RunRef | None = None,
+    static_batch: Literal["scaled", "same"] = "scaled",
 ) -> ArmResult:
     """Train and benchmark one configuration; its MLflow run is a child of `parent` when given."""
     run = open_run(config.name, pipeline, config, parent=parent, kind="arm")
@@ -38,9 +39,9 @@ def experiment(
         data = prepare_data(config.data, config.model, pipeline)
         log_data(run, data)
         scores = score_eu(data, config.model, pipeline, config.pruning.entropy_scope, config.training.seed)
-        plan = prune(config, mode, data, scores, pipeline)
+        plan = prune(config, mode, data, scores, pipeline, static_batch)
         log_plan(run, plan)
-        trained = train.with_options(retries=pipeline.train_retries)(plan.experiment, run, pipeline)
+        trained = train_arm.with_options(retries=pipeline.train_retries)(plan.experiment, data, run, pipeline)
         log_training(run, trained)
         evaluated = evaluate(trained.final_dir, evaluation, pipeline)
         log_evaluation(run, evaluated, evaluation)

@@ -37,6 +37,6 @@ def sweep(config: SweepConfig = SweepConfig()) -> SweepResult:
                 run_cfg = cmp.experiment(arm)
                 if several:
                     run_cfg = run_cfg.model_copy(update={"name": f"{arm.name}-seed{seed}"})
-                result = experiment(run_cfg, config.evaluation, pipeline, arm.mode, parent)
+                result = experiment(run_cfg, config.evaluation, pipeline, arm.mode, parent, arm.static_batch)
                 results.append((seed, result.model_copy(update={"name": arm.name})))
         return summarize_sweep(parent, results, baseline="full")

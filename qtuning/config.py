@@ -387,7 +387,14 @@ class ArmConfig(_Frozen):
         "dynamic",
         description="dynamic: every pool is re-scored by the model being trained (the paper); static: the base "
         "model's EU scores triage the whole data set once and the kept rows train whole, with the same number of "
-        "optimizer steps and trained samples (micro-batch scaled by sample_ratio). Token pruning is dynamic only.",
+        "optimizer steps and trained samples (see static_batch). Token pruning is dynamic only.",
+    )
+    static_batch: Literal["scaled", "same"] = Field(
+        "scaled",
+        description="Rows per optimizer step of a static arm. scaled: round(pool x sample_ratio) (pool = "
+        "pruning.selection_batch_size or training.micro_batch_size), so the arm takes the full-data arm's number of "
+        "optimizer steps and trains as many rows as a dynamic arm; same: the configured pool (fewer steps, the same "
+        "learning-rate schedule over them).",
     )
 
     @model_validator(mode="after")

@@ -1,19 +1,18 @@
-"""Data tasks: fetch the embedded assets, tokenize the training rows once, record the set in MLflow."""
+"""Data stages: fetch the embedded assets, tokenize the training rows once (the set every later stage reads), record it in MLflow."""
 
 from __future__ import annotations
 
-import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
-from qtuning.config import EvalConfig
+from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, EvalConfig, ModelConfig, PipelineConfig
 from qtuning.evaluation import TASK_PREFIX
-from tasks.caching import DATA_MODULES, StageCache, model_fingerprint, runs_root, source_fingerprint, stage_key
+from tasks.stage import runs_root, stage
 from tasks.records import DataRecord
 from tasks.tracking import RunRef, log_dataset, log_metrics, log_params
 
@@ -29,47 +28,44 @@ def fetch_assets(model: ModelConfig, data: DataConfig, evaluation: EvalConfig | 
         ensure_assets(progress=False)
 
 
-def tokenizer_identity(model: ModelConfig) -> str:
-    """The tokenizer and chat template come from the model folder; weights init and LoRA do not matter."""
-    return model_fingerprint(ModelConfig(name=model.name))
+@lru_cache(maxsize=16)
+def _load_tokenizer(name: str):
+    from qtuning.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name=name))
+
+
+def _tokenizer(model: ModelConfig):
+    return _load_tokenizer(model.name)  # weights init and LoRA do not change the tokenizer
+
+
+def data_fingerprint(data: DataConfig, model: ModelConfig) -> str:
+    """The data set's one fingerprint (qtuning.data.fingerprint: source content, data config, tokenizer), which
+    every later stage's key uses."""
+    from qtuning.data import fingerprint
+
+    return fingerprint(data.model_copy(update={"subset": None}), _tokenizer(model))
 
 
 def _ingredients(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig) -> dict:
-    return {"data": data, "source": source_fingerprint(data), "tokenizer": tokenizer_identity(model), "runs": str(runs_root(pipeline.runs_dir))}
+    return {"data": data_fingerprint(data, model), "runs": str(runs_root(pipeline.runs_dir))}
 
 
-def _out_dir(pipeline: PipelineConfig, key: str) -> Path:
-    return runs_root(pipeline.runs_dir) / "data" / key[:16]
-
-
-def _outputs(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig, key: str) -> list[Path]:
-    return [_out_dir(pipeline, key) / "dataset_info.json"]
-
-
-CACHE = StageCache(ingredients=_ingredients, modules=DATA_MODULES, packages=("transformers", "tokenizers", "datasets"), outputs=_outputs)
-
-
-@task(name="prepare_data", cache_policy=CACHE, persist_result=True)
-def prepare_data(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig) -> DataRecord:
-    """Load, validate and tokenize the training rows with the model's chat template; save them to disk."""
+@stage("prepare_data", folder="data", ingredients=_ingredients, packages=("transformers", "tokenizers", "datasets"))
+def prepare_data(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig, *, out: Path, key: str) -> DataRecord:
+    """Load, validate and tokenize the training rows with the model's chat template, once; every later stage (and
+    the training subprocess) reads the set this writes."""
     from qtuning.data import build_sft_dataset
-    from qtuning.modeling import load_tokenizer
 
     log = get_run_logger()
     start = time.perf_counter()
-    key = stage_key(_ingredients(data, model, pipeline), CACHE.modules, CACHE.packages, prepare_data.fn)
-    out = _out_dir(pipeline, key)
-    sft = build_sft_dataset(data, load_tokenizer(model), progress=pipeline.progress)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sft.dataset.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    sft = build_sft_dataset(data.model_copy(update={"subset": None}), _tokenizer(model), progress=pipeline.progress)
+    path = sft.save(out / "dataset")
     lengths, responses = sft.dataset["length"], sft.dataset["response_length"]
     record = DataRecord(
         key=key,
         produced_in=flow_run.id,
-        path=str(out),
+        path=str(path),
         data=data,
         model=model,
         fingerprint=sft.fingerprint,
@@ -80,7 +76,7 @@ def prepare_data(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig)
         response_tokens=int(sum(responses)),
         seconds=time.perf_counter() - start,
     )
-    log.info(f"{record.rows} rows, {record.tokens:,} tokens ({record.response_tokens:,} response) -> {out}; skipped {sft.skipped or 'none'}")
+    log.info(f"{record.rows} rows, {record.tokens:,} tokens ({record.response_tokens:,} response) -> {path}; skipped {sft.skipped or 'none'}")
     return record
 
 

@@ -9,10 +9,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from qtuning.config import ModelConfig, PipelineConfig
-from qtuning.config import EvalConfig
+from qtuning.config import EvalConfig, ModelConfig, PipelineConfig
 from qtuning.evaluation import TASK_PREFIX, TASKS_DIR
-from tasks.caching import EVAL_MODULES, StageCache, file_fingerprint, model_fingerprint, path_fingerprint, runs_root, stage_key
+from tasks.stage import file_fingerprint, model_fingerprint, path_fingerprint, runs_root, stage
 from tasks.records import EvalRecord
 from tasks.tracking import RunRef, log_artifact, log_dataset, log_metrics, log_params
 
@@ -28,27 +27,13 @@ def _ingredients(model: str, evaluation: EvalConfig, pipeline: PipelineConfig) -
     return {"model": _model_identity(model), "eval": evaluation, "task_files": task_files, "runs": str(runs_root(pipeline.runs_dir))}
 
 
-def _out_dir(pipeline: PipelineConfig, key: str) -> Path:
-    return runs_root(pipeline.runs_dir) / "eval" / key[:16]
-
-
-def _outputs(model, evaluation, pipeline, key) -> list[Path]:
-    out = _out_dir(pipeline, key)
-    return [out / "results.json", out / "samples.jsonl"]
-
-
-CACHE = StageCache(ingredients=_ingredients, modules=EVAL_MODULES, packages=("lm_eval", "torch", "transformers"), outputs=_outputs)
-
-
-@task(name="evaluate", cache_policy=CACHE, persist_result=True)
-def evaluate(model: str, evaluation: EvalConfig, pipeline: PipelineConfig) -> EvalRecord:
+@stage("evaluate", folder="eval", ingredients=_ingredients, packages=("lm_eval", "torch", "transformers"))
+def evaluate(model: str, evaluation: EvalConfig, pipeline: PipelineConfig, *, out: Path, key: str) -> EvalRecord:
     """Score a model folder (or the bundled model's name) on the benchmarks; keep lm-eval's full record."""
     from qtuning.evaluation.runner import evaluate_checkpoint
     from qtuning.modeling import resolve_model_path
 
     log = get_run_logger()
-    key = stage_key(_ingredients(model, evaluation, pipeline), CACHE.modules, CACHE.packages, evaluate.fn)
-    out = _out_dir(pipeline, key)
     model_dir = resolve_model_path(ModelConfig(name=model))
     result = evaluate_checkpoint(model_dir, evaluation, out, log=log.info)
     return EvalRecord(

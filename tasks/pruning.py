@@ -1,5 +1,5 @@
 """The pruning plan of an arm: dynamic (recorded; the training loop re-scores every pool) or static (applied
-once here from the base model's EU scores, producing the pruned data set the arm trains on)."""
+once here from the base model's EU scores: the kept sample ids the arm trains on)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
-from tasks.caching import PRUNE_MODULES, StageCache, model_fingerprint, runs_root, stage_key
+from tasks.stage import model_fingerprint, runs_root, stage
 from tasks.records import DataRecord, PlanRecord, ScoresRecord
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params
 
 
-def _ingredients(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresRecord, pipeline: PipelineConfig) -> dict:
+def _ingredients(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresRecord, pipeline: PipelineConfig,
+                 static_batch: str = "scaled") -> dict:
     return {
         "config": config.model_copy(update={"training": config.training.model_copy(update={"output_dir": ""})}),
         "mode": mode,
+        "static_batch": static_batch if mode == "static" else None,
         "data": data.fingerprint,
         "scores": scores.key,
         "model": model_fingerprint(config.model),
@@ -29,31 +31,22 @@ def _ingredients(config: ExperimentConfig, mode: str, data: DataRecord, scores: 
     }
 
 
-def _out_dir(pipeline: PipelineConfig, name: str, key: str) -> Path:
-    return runs_root(pipeline.runs_dir) / "plans" / f"{name}-{key[:12]}"
+def _folder(config: ExperimentConfig, mode: str, data, scores, pipeline: PipelineConfig, static_batch: str = "scaled", *, key: str) -> Path:
+    return runs_root(pipeline.runs_dir) / "plans" / f"{config.name}-{key[:12]}"
 
 
-def _outputs(config, mode, data, scores, pipeline, key) -> list[Path]:
-    out = _out_dir(pipeline, config.name, key)
-    return [out / "plan.json"] + ([out / "train.jsonl"] if mode == "static" else [])
-
-
-CACHE = StageCache(ingredients=_ingredients, modules=PRUNE_MODULES, packages=("torch", "transformers", "matplotlib"), outputs=_outputs)
-
-
-@task(name="prune", cache_policy=CACHE, persist_result=True)
-def prune(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresRecord, pipeline: PipelineConfig) -> PlanRecord:
-    """Plan an arm's two-stage pruning; in static mode also write the pruned data set it trains on."""
+@stage("prune", ingredients=_ingredients, folder=_folder, packages=("torch", "transformers", "matplotlib"))
+def prune(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresRecord, pipeline: PipelineConfig,
+          static_batch: str = "scaled", *, out: Path, key: str) -> PlanRecord:
+    """Plan an arm's two-stage pruning; in static mode also triage the whole set once and write the kept sample ids
+    (the arm then trains on the prepared data set narrowed to them)."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from qtuning.pipeline import pruning_plan, static_experiment, static_selection, write_static_dataset
+    from qtuning.planning import pruning_plan, static_experiment, static_selection, write_ids
     from qtuning.report import eu_plane_figure, pruned_tokens_html
 
     log = get_run_logger()
-    key = stage_key(_ingredients(config, mode, data, scores, pipeline), CACHE.modules, CACHE.packages, prune.fn)
-    out = _out_dir(pipeline, config.name, key)
-    out.mkdir(parents=True, exist_ok=True)
     p = config.pruning
     table = pd.read_parquet(scores.path)
 
@@ -63,16 +56,17 @@ def prune(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresR
     fig.savefig(out / "eu_plane.png")
     plt.close(fig)
 
-    experiment, static_path, selection_path = config, None, None
+    experiment, ids_path, selection_path = config, None, None
     if mode == "static":
         selection = static_selection(table, p)
         selection_path = out / "static_selection.csv"
         selection.to_csv(selection_path, index=False)
-        static_path = out / "train.jsonl"
-        kept = write_static_dataset(config, list(selection.loc[selection["keep"], "sample_id"]), static_path)
-        experiment = static_experiment(config, static_path)
-        plan.update(static_rows=kept, static_micro_batch_size=experiment.training.micro_batch_size)
-        log.info(f"static triage keeps {kept}/{len(table)} rows -> {static_path}")
+        ids_path = write_ids(list(selection.loc[selection["keep"], "sample_id"]), out / "kept_ids.txt")
+        experiment = static_experiment(config, ids_path, static_batch)
+        kept = int(selection["keep"].sum())
+        plan.update(static_rows=kept, static_batch=static_batch, static_micro_batch_size=experiment.training.micro_batch_size,
+                    static_pool_size=experiment.pool_size)
+        log.info(f"static triage keeps {kept}/{len(table)} rows -> {ids_path}")
 
     view_path = None
     if p.token != "all" and pipeline.token_view_samples:
@@ -90,22 +84,22 @@ def prune(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresR
         key=key, produced_in=flow_run.id, arm=config.name, mode=mode, experiment=experiment,
         plan_path=str(out / "plan.json"), figure_path=str(out / "eu_plane.png"), shares=shares,
         token_view_path=str(view_path) if view_path else None,
-        static_data_path=str(static_path) if static_path else None,
+        static_ids_path=str(ids_path) if ids_path else None,
         static_selection_path=str(selection_path) if selection_path else None,
     )
 
 
 def _token_view(config: ExperimentConfig, data: DataRecord, table, n: int) -> list[dict]:
-    import datasets
     import torch
 
+    from qtuning.data import SFTData
     from qtuning.modeling import load_model, load_tokenizer
-    from qtuning.pipeline import token_view
+    from qtuning.planning import token_view
 
     torch.manual_seed(config.training.seed)
     model = load_model(config.model)
     return token_view(
-        model, load_tokenizer(config.model), datasets.load_from_disk(data.path), table, config.pruning,
+        model, load_tokenizer(config.model), SFTData.load(data.path).dataset, table, config.pruning,
         n_samples=n, chunk_tokens=config.training.score_chunk_tokens, seed=config.training.seed,
     )
 
@@ -126,10 +120,11 @@ def log_plan(run: RunRef, record: PlanRecord) -> None:
     log_params(run, {"pruning.mode": record.mode, "plan.kept_per_pool": plan["kept_per_pool"], "plan.optimizer_steps": plan.get("optimizer_steps")})
     if "expected_loss_token_share" in plan:
         log_metrics(run, {"plan/expected_loss_token_share": plan["expected_loss_token_share"]})
-    if record.static_data_path:
+    if record.static_ids_path:
         import pandas as pd
 
         log_artifact(run, record.static_selection_path, "pruning")
+        log_artifact(run, record.static_ids_path, "pruning")
         selection = pd.read_csv(record.static_selection_path)
         kept = selection[selection["keep"]][["sample_id", "quadrant"]]
-        log_dataset(run, kept, name=f"{record.arm}-static", source=record.static_data_path, context="train")
+        log_dataset(run, kept, name=f"{record.arm}-static", source=record.static_ids_path, context="train")

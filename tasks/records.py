@@ -56,7 +56,7 @@ class PlanRecord(Record):
     figure_path: str
     shares: dict[str, float] = {}
     token_view_path: str | None = None
-    static_data_path: str | None = None
+    static_ids_path: str | None = None  # static arms: the kept sample ids (the run's data.subset)
     static_selection_path: str | None = None
 
 

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ModelConfig, PipelineConfig
-from tasks.caching import SCORE_MODULES, StageCache, model_fingerprint, runs_root, stage_key
+from tasks.stage import model_fingerprint, runs_root, stage
 from tasks.records import DataRecord, ScoresRecord
 from tasks.tracking import RunRef, log_metrics, tmp_artifact
 
@@ -21,47 +21,33 @@ def _ingredients(data: DataRecord, model: ModelConfig, pipeline: PipelineConfig,
         "model": model_fingerprint(model),
         "seed": seed if model.random_init else None,  # only random weights depend on the seed
         "entropy_scope": entropy_scope,
+        "batch_size": pipeline.score_batch_size,
         "runs": str(runs_root(pipeline.runs_dir)),
     }
 
 
-def _out_dir(pipeline: PipelineConfig, key: str) -> Path:
-    return runs_root(pipeline.runs_dir) / "scores" / key[:16]
-
-
-def _outputs(data, model, pipeline, entropy_scope="response", seed=0, key="") -> list[Path]:
-    return [_out_dir(pipeline, key) / "scores.parquet"]
-
-
-CACHE = StageCache(ingredients=_ingredients, modules=SCORE_MODULES, packages=("torch", "transformers"), outputs=_outputs)
-
-
-@task(name="score_eu", cache_policy=CACHE, persist_result=True)
-def score_eu(data: DataRecord, model: ModelConfig, pipeline: PipelineConfig, entropy_scope: str = "response", seed: int = 0) -> ScoresRecord:
+@stage("score_eu", folder="scores", ingredients=_ingredients, packages=("torch", "transformers"))
+def score_eu(data: DataRecord, model: ModelConfig, pipeline: PipelineConfig, entropy_scope: str = "response", seed: int = 0,
+             *, out: Path, key: str) -> ScoresRecord:
     """Score every sample's PPL and Ent under the base model (the training loop's scoring code, no grad)."""
-    import datasets
     import torch
 
+    from qtuning.data import SFTData
     from qtuning.modeling import load_model, load_tokenizer
     from qtuning.scoring import score_dataset
 
     log = get_run_logger()
     start = time.perf_counter()
-    key = stage_key(_ingredients(data, model, pipeline, entropy_scope, seed), CACHE.modules, CACHE.packages, score_eu.fn)
-    out = _out_dir(pipeline, key)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the same random weights the training run starts from (random_init)
     net = load_model(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net.to(device)
-    dataset = datasets.load_from_disk(data.path)
+    dataset = SFTData.load(data.path).dataset
     scores = score_dataset(
         net, dataset, load_tokenizer(model).pad_token_id,
         batch_size=pipeline.score_batch_size, entropy_scope=entropy_scope, progress=pipeline.progress,
     )
-    tmp = out / "scores.parquet.tmp"
-    scores.to_parquet(tmp, index=False)
-    tmp.replace(out / "scores.parquet")
+    scores.to_parquet(out / "scores.parquet", index=False)
     summary = {
         f"{col}_{name}": float(scores[col].quantile(q))
         for col in ("ppl", "ent") for name, q in (("p10", 0.1), ("median", 0.5), ("p90", 0.9))

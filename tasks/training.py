@@ -1,9 +1,10 @@
-"""Training as a subprocess (`accelerate launch -m qtuning.train`), streamed into Prefect and MLflow.
+"""Training as a subprocess (`accelerate launch -m qtuning.train --data DIR`), streamed into Prefect and MLflow.
 
-The run folder is named by the cache key, so a retry (or a later flow run after a crash) finds the same
-folder and resumes from its last complete checkpoint with `--resume`. While the subprocess runs, its
-output goes to the Prefect log (progress lines throttled) and each new line of `metrics.jsonl` goes to the
-arm's MLflow run as that step's metrics. The cached record is valid only while `final/` still exists.
+The subprocess reads the data set `prepare_data` wrote (no second tokenization). The run folder is named by the
+cache key, so a retry (or a later flow run after a crash) finds the same folder and resumes from its last
+complete checkpoint with `--resume`. While the subprocess runs, its output goes to the Prefect log (progress
+lines throttled) and each new line of `metrics.jsonl` goes to the arm's MLflow run as that step's metrics. The
+cached record is valid while the folder's manifest (final model, summary, metrics; checkpoints left out) holds.
 """
 
 from __future__ import annotations
@@ -23,28 +24,29 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
-from tasks.caching import TRAIN_MODULES, StageCache, file_fingerprint, model_fingerprint, runs_root, source_fingerprint, stage_key
-from tasks.records import TrainRecord
+from tasks.records import DataRecord, TrainRecord
+from tasks.stage import file_fingerprint, model_fingerprint, runs_root, stage
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params, metric_steps, set_tags, system_metrics
 
 _PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar line
 PROGRESS_LOG_SECONDS = 15.0  # at most one progress line per this many seconds in the Prefect log
 
 
-def _ingredients(config: ExperimentConfig, run: RunRef | None, pipeline: PipelineConfig) -> dict:
+def _ingredients(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pipeline: PipelineConfig) -> dict:
     acc_cfg = config.training.accelerate_config
     return {
         # the run's name and folder are cosmetic: equal recipes share one training (a sweep's baseline, a rerun)
         "config": config.model_copy(update={"name": "", "training": config.training.model_copy(update={"output_dir": ""})}),
-        "data": source_fingerprint(config.data),
+        "data": data.fingerprint,
         "model": model_fingerprint(config.model),
         "world": pipeline.num_processes,
+        "launcher": pipeline.launcher,
         "accelerate_config": file_fingerprint(acc_cfg) if acc_cfg else None,
         "runs": str(runs_root(pipeline.runs_dir)),
     }
 
 
-def output_dir(config: ExperimentConfig, pipeline: PipelineConfig, key: str) -> Path:
+def output_dir(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pipeline: PipelineConfig, *, key: str) -> Path:
     """runs/train/<name>-<key>; the key ignores the name, so a folder of an equal recipe under another name
     (a finished one first) is the same training and is reused."""
     root = runs_root(pipeline.runs_dir) / "train"
@@ -55,16 +57,8 @@ def output_dir(config: ExperimentConfig, pipeline: PipelineConfig, key: str) -> 
     return others[0] if others else own
 
 
-def _outputs(config, run, pipeline, key) -> list[Path]:
-    out = output_dir(config, pipeline, key)
-    return [out / "final" / "config.json", out / "summary.json"]
-
-
-CACHE = StageCache(ingredients=_ingredients, modules=TRAIN_MODULES, packages=("torch", "transformers", "accelerate", "peft"), outputs=_outputs)
-
-
-def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineConfig, resume: bool) -> list[str]:
-    """`accelerate launch ... -m qtuning.train --config RUN.yaml [--resume]` (or plain python), this interpreter."""
+def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineConfig, resume: bool, data: Path | None = None) -> list[str]:
+    """`accelerate launch ... -m qtuning.train --config RUN.yaml [--data DIR] [--resume]` (or plain python), this interpreter."""
     if pipeline.launcher == "python":
         cmd = [sys.executable, "-m", "qtuning.train"]
     else:
@@ -78,6 +72,8 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
                 cmd.append("--multi_gpu")
         cmd += ["-m", "qtuning.train"]
     cmd += ["--config", str(run_yaml)]
+    if data is not None:
+        cmd += ["--data", str(data)]
     if resume:
         cmd.append("--resume")
     if not pipeline.progress:
@@ -101,17 +97,16 @@ def has_checkpoint(out: Path) -> bool:
     return any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob("step-*"))
 
 
-@task(name="train", cache_policy=CACHE, persist_result=True, retries=1, retry_delay_seconds=2)
-def train(config: ExperimentConfig, run: RunRef | None, pipeline: PipelineConfig) -> TrainRecord:
-    """Train one arm in a subprocess; stream its log and per-step metrics; return the checkpoint."""
+@stage("train", ingredients=_ingredients, folder=output_dir, resumable=True, packages=("torch", "transformers", "accelerate", "peft"),
+       exclude=lambda rel: rel.startswith("checkpoints/"), retries=1, retry_delay_seconds=2)
+def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pipeline: PipelineConfig, *, out: Path, key: str) -> TrainRecord:
+    """Train one arm on the prepared data set in a subprocess; stream its log and per-step metrics; return the checkpoint."""
     log = get_run_logger()
     start = time.perf_counter()
-    key = stage_key(_ingredients(config, run, pipeline), CACHE.modules, CACHE.packages, train.fn)
-    out = output_dir(config, pipeline, key)
     cfg = config.model_copy(update={"training": config.training.model_copy(update={"output_dir": str(out)})})
     run_yaml = cfg.save(out / "run.yaml")
     resume = has_checkpoint(out)
-    cmd = launch_command(run_yaml, cfg, pipeline, resume)
+    cmd = launch_command(run_yaml, cfg, pipeline, resume, data=Path(data.path))
     log.info(("resuming from the last checkpoint: " if resume else "") + " ".join(cmd))
 
     tail: deque[str] = deque(maxlen=40)

@@ -14,7 +14,8 @@ from prefect.logging import disable_run_logger
 from qtuning.config import FULL_DATA, ArmConfig, CompareConfig, ConfigError, DataConfig, ExperimentConfig, PipelineConfig, TrainingConfig, validate
 from qtuning.modeling import tiny_model_config
 from commands.run import build_config, build_parser, main, parse_arm
-from tasks import caching, data as data_tasks, training, tracking
+from tasks import data as data_tasks, stage, training, tracking
+from tasks.records import DataRecord
 
 QT = {"sample": "qtuning", "token": "qtuning", "sample_ratio": 0.25, "token_ratio": 0.5}
 
@@ -100,8 +101,13 @@ def _experiment(tmp_path: Path, **pruning) -> ExperimentConfig:
     )
 
 
-def _train_key(cfg: ExperimentConfig, pipeline: PipelineConfig) -> str:
-    return caching.stage_key(training._ingredients(cfg, None, pipeline), training.CACHE.modules, training.CACHE.packages, training.train.fn)
+def _data_record(cfg: ExperimentConfig, fingerprint: str = "f" * 64) -> DataRecord:
+    return DataRecord(key="k", path="/nowhere", data=cfg.data, model=cfg.model, fingerprint=fingerprint, source="arc",
+                      rows=16, tokens=1, response_tokens=1, seconds=0.0)
+
+
+def _train_key(cfg: ExperimentConfig, pipeline: PipelineConfig, fingerprint: str = "f" * 64) -> str:
+    return training.train_arm.locate(cfg, _data_record(cfg, fingerprint), None, pipeline)[0]
 
 
 def test_train_key_follows_the_inputs_that_matter(tmp_path):
@@ -109,6 +115,7 @@ def test_train_key_follows_the_inputs_that_matter(tmp_path):
     key = _train_key(_experiment(tmp_path), pipe)
     assert _train_key(_experiment(tmp_path), pipe) == key  # stable
     assert _train_key(_experiment(tmp_path, lam=0.3), pipe) != key  # a pruning field
+    assert _train_key(_experiment(tmp_path), pipe, fingerprint="e" * 64) != key  # the data set
     assert _train_key(_experiment(tmp_path), pipe.model_copy(update={"num_processes": 2})) != key  # world size
     moved = _experiment(tmp_path).model_copy(update={"training": TrainingConfig(micro_batch_size=8, output_dir="/elsewhere")})
     assert _train_key(moved, pipe) == key  # the output folder is derived from the key, not part of it
@@ -119,27 +126,60 @@ def test_data_key_ignores_pruning_but_follows_the_source_file(tmp_path, write_js
     pipe = PipelineConfig(runs_dir=str(tmp_path))
     path = write_jsonl([{"prompt": "a", "response": "b"}])
     data = DataConfig(source=str(path))
-    key = lambda: caching.stage_key(data_tasks._ingredients(data, tiny_model_config(), pipe), (), (), data_tasks.prepare_data.fn)  # noqa: E731
+    key = lambda: data_tasks.prepare_data.locate(data, tiny_model_config(), pipe)[0]  # noqa: E731
     before = key()
+    assert key() == before
     path.write_text(json.dumps({"prompt": "a", "response": "c"}) + "\n")
     assert key() != before
 
 
-def test_library_fingerprint_changes_with_the_code(tmp_path, monkeypatch):
-    a = caching.library_fingerprint(("qtuning.config",), ("torch",))
-    b = caching.library_fingerprint(("qtuning.config", "qtuning.pruning"), ("torch",))
-    assert a != b and len(a) == 64
+def test_editing_any_library_module_changes_the_key(tmp_path, monkeypatch):
+    """The key covers the source of the whole qtuning package: edit any module (a helper moved to a new file
+    included) and every stage's key changes; nothing is listed by hand."""
+    import qtuning
+
+    copy = tmp_path / "qtuning"
+    shutil.copytree(Path(qtuning.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = stage.library_fingerprint(copy, ("torch",))
+    assert len(base) == 64 and stage.library_fingerprint(copy, ("torch",)) == base
+    seen = {base}
+    for module in sorted(copy.rglob("*.py")):
+        original = module.read_text()
+        module.write_text(original + "\n\ndef _helper():\n    return 1\n")
+        changed = stage.library_fingerprint(copy, ("torch",))
+        assert changed not in seen, f"editing {module.relative_to(tmp_path)} left the key unchanged"
+        seen.add(changed)
+        module.write_text(original)
+    (copy / "new_module.py").write_text("X = 1\n")
+    assert stage.library_fingerprint(copy, ("torch",)) not in seen
+    assert stage.library_fingerprint(copy, ("torch", "transformers")) != stage.library_fingerprint(copy, ("torch",))
+
+    # and a stage's key is built on it
+    pipe = PipelineConfig(runs_dir=str(tmp_path))
+    key = _train_key(_experiment(tmp_path), pipe)
+    monkeypatch.setattr(stage, "_installed_library_fingerprint", lambda packages: "edited")
+    assert _train_key(_experiment(tmp_path), pipe) != key
 
 
-def test_forget_makes_a_cached_record_absent(tmp_path):
-    from prefect.filesystems import LocalFileSystem
-    from prefect.results import ResultStore
-
-    store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)))
-    store.persist_result_record(store.create_result_record({"x": 1}, key="k"))
-    assert store.exists("k")
-    caching.forget(SimpleNamespace(result_store=store), "k")
-    assert not store.exists("k")
+def test_manifest_names_a_missing_or_damaged_file(tmp_path):
+    out = tmp_path / "stage"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.bin").write_bytes(b"x" * 100)
+    (out / "sub" / "b.txt").write_text("hello")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "c").write_text("left out")
+    assert stage.check_manifest(out) == f"{out} is incomplete (no manifest.json: its stage did not finish)"
+    stage.write_manifest(out, exclude=lambda rel: rel.startswith("checkpoints/"))
+    assert stage.check_manifest(out) is None
+    (out / "checkpoints" / "c").unlink()  # excluded files may go
+    assert stage.check_manifest(out) is None
+    (out / "a.bin").write_bytes(b"x" * 50)  # truncated
+    assert stage.check_manifest(out) == f"{out / 'a.bin'} is damaged (size 50 bytes, 100 when written)"
+    (out / "a.bin").write_bytes(b"y" * 100)  # same size, other bytes
+    assert "checksum differs" in stage.check_manifest(out) and str(out / "a.bin") in stage.check_manifest(out)
+    (out / "sub" / "b.txt").unlink()
+    (out / "a.bin").write_bytes(b"x" * 100)
+    assert stage.check_manifest(out) == f"{out / 'sub' / 'b.txt'} is missing"
 
 
 # --------------------------------------------------------------------------- MLflow helpers
@@ -201,7 +241,8 @@ def test_train_task_streams_metrics_and_resumes_from_the_last_checkpoint(tmp_pat
     pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
     run = tracking.create_run(tracking_uri, "unit", "train")
     with disable_run_logger():
-        first = training.train.fn(cfg, run, pipe)
+        data = data_tasks.prepare_data.fn(cfg.data, cfg.model, pipe)
+        first = training.train_arm.fn(cfg, data, run, pipe)
     assert first.summary["optimizer_steps"] == 4 and not first.resumed
     assert Path(first.final_dir, "config.json").exists()
     assert first.output_dir.startswith(str(tmp_path / "runs" / "train" / "arm-"))
@@ -215,7 +256,7 @@ def test_train_task_streams_metrics_and_resumes_from_the_last_checkpoint(tmp_pat
     (out / "summary.json").unlink()
     shutil.rmtree(out / "checkpoints" / "step-4")
     with disable_run_logger():
-        again = training.train.fn(cfg, run, pipe)
+        again = training.train_arm.fn(cfg, data, run, pipe)
     assert again.resumed and again.output_dir == first.output_dir
     assert again.summary["optimizer_steps"] == 4 and Path(again.final_dir, "config.json").exists()
     lines = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -227,8 +268,10 @@ def test_train_task_reports_the_subprocess_failure(tmp_path):
     cfg = _experiment(tmp_path)
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"precision": "bf16"})})  # no GPU here
     pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
+    with disable_run_logger():
+        data = data_tasks.prepare_data.fn(cfg.data, cfg.model, pipe)
     with disable_run_logger(), pytest.raises(RuntimeError, match=r"exited with code 1(.|\n)*bf16 needs a GPU"):
-        training.train.fn(cfg, None, pipe)
+        training.train_arm.fn(cfg, data, None, pipe)
 
 
 @pytest.mark.slow
@@ -236,7 +279,8 @@ def test_train_task_launches_two_cpu_processes_with_accelerate(tmp_path):
     cfg = _experiment(tmp_path)
     pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), num_processes=2, progress=False)
     with disable_run_logger():
-        record = training.train.fn(cfg, None, pipe)
+        data = data_tasks.prepare_data.fn(cfg.data, cfg.model, pipe)
+        record = training.train_arm.fn(cfg, data, None, pipe)
     assert record.summary["world_size"] == 2 and Path(record.final_dir, "config.json").exists()
 
 
@@ -258,16 +302,25 @@ def test_data_scores_and_static_prune_tasks_chain_on_disk(tmp_path):
         scores = score_eu.fn(data, cfg.model, pipe, "response", 0)
         plan = prune.fn(cfg, "static", data, scores, pipe)
         dynamic = prune.fn(cfg, "dynamic", data, scores, pipe)
-    assert data.rows == 14 and Path(data.path, "dataset_info.json").exists()
+    assert data.rows == 14 and Path(data.path, "dataset_info.json").exists() and Path(data.path).parent.joinpath("manifest.json").exists()
     import pandas as pd
 
     table = pd.read_parquet(scores.path)
     assert len(table) == data.rows and (table["ppl"] > 0).all() and (table["ent"] > 0).all()
-    assert plan.experiment.data.source == plan.static_data_path and plan.experiment.pruning.is_full_data
-    assert plan.experiment.training.micro_batch_size == 2
-    kept = [json.loads(line)["id"] for line in Path(plan.static_data_path).read_text().splitlines()]
+    # a static arm trains the same prepared set, narrowed to the kept ids, with the batch rule stated in its config
+    assert plan.experiment.data == cfg.data.model_copy(update={"subset": plan.static_ids_path})
+    assert plan.experiment.pruning.is_full_data
+    assert plan.experiment.training.micro_batch_size == 2 and plan.experiment.pool_size == 2  # static_batch: scaled
+    kept = Path(plan.static_ids_path).read_text().split()
     assert len(kept) == round(plan.shares["kept"] * data.rows) >= round(0.25 * data.rows)
-    assert dynamic.experiment == cfg and dynamic.static_data_path is None
+    from qtuning.data import SFTData
+
+    subset = SFTData.load(data.path).select_ids(plan.static_ids_path)
+    assert sorted(subset.dataset["sample_id"]) == sorted(kept) and subset.fingerprint != data.fingerprint
+    with disable_run_logger():
+        same = prune.fn(cfg, "static", data, scores, pipe, "same")
+    assert same.experiment.training.micro_batch_size == 8
+    assert dynamic.experiment == cfg and dynamic.static_ids_path is None
     assert Path(dynamic.token_view_path).read_text().count("class='sample'") == 2
     assert json.loads(Path(dynamic.plan_path).read_text())["kept_per_pool"] == 2
 
@@ -278,6 +331,7 @@ def test_an_equal_recipe_under_another_name_reuses_the_training_folder(tmp_path)
     key = _train_key(cfg, pipe)
     renamed = cfg.model_copy(update={"name": "other"})
     assert _train_key(renamed, pipe) == key
-    assert training.output_dir(cfg, pipe, key).name == f"arm-{key[:12]}"
+    data = _data_record(cfg)
+    assert training.output_dir(cfg, data, None, pipe, key=key).name == f"arm-{key[:12]}"
     (tmp_path / "train" / f"arm-{key[:12]}" / "final").mkdir(parents=True)
-    assert training.output_dir(renamed, pipe, key) == training.output_dir(cfg, pipe, key)
+    assert training.output_dir(renamed, data, None, pipe, key=key) == training.output_dir(cfg, data, None, pipe, key=key)

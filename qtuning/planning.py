@@ -1,17 +1,14 @@
-"""Framework-free steps between the engine and the pipeline: pruning plans, static pruning, token views.
-
-The Prefect tasks in `tasks/` call these and log what they return; nothing here knows Prefect or MLflow.
+"""What an arm will do before it trains: its pruning plan, a static arm's selection, the tokens its rule prunes.
 
 - `pruning_plan(cfg, scores)`: what an arm will do, in numbers (pool, K, steps, the base model's quadrants).
-- `static_selection(scores, pruning)` and `write_static_dataset(...)`: a static arm's kept rows, triaged once
-  on the whole set with the base model's EU scores, written as a chat JSONL that `qtuning.data` reads back
-  with the same sample ids; `static_experiment(...)` is the run that trains on it.
+- `static_selection(scores, pruning)`: a static arm's kept rows, triaged once on the whole set with the base
+  model's EU scores; `write_ids(...)` writes their sample ids and `static_experiment(...)` is the run that trains
+  on the same tokenized set narrowed to them (`data.subset`), with the micro-batch rule the arm states.
 - `token_view(...)`: which response tokens the arm's token rule prunes in a few samples, for the HTML view.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -70,35 +67,26 @@ def static_selection(scores: pd.DataFrame, pruning: PruningConfig) -> pd.DataFra
     return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "keep": t.keep, "q2": t.q2})
 
 
-def write_static_dataset(cfg: ExperimentConfig, kept_ids: list[str], path: Path) -> int:
-    """The kept rows of `cfg.data`, as {"id", "messages"} JSON lines in the source's order; returns the count."""
-    from qtuning.data import load_rows
-
-    wanted = set(kept_ids)
-    rows = load_rows(cfg.data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex in rows.examples:
-            if ex.sample_id in wanted:
-                f.write(json.dumps({"id": ex.sample_id, "messages": ex.messages}, ensure_ascii=False) + "\n")
-                n += 1
-    tmp.replace(path)
-    return n
+def write_ids(sample_ids: list[str], path: Path) -> Path:
+    """One sample id per line (the format `data.subset` reads)."""
+    path.write_text("".join(f"{sid}\n" for sid in sample_ids), encoding="utf-8")
+    return path
 
 
-def static_experiment(cfg: ExperimentConfig, data_path: Path) -> ExperimentConfig:
-    """The run a static arm trains: its kept rows, whole (no further pruning), with a micro-batch scaled by
-    the sample ratio, so it takes the full-data arm's number of optimizer steps and trains as many rows."""
-    ratio = cfg.pruning.sample_ratio
-    data = cfg.data.model_copy(
-        update={"source": str(data_path), "format": "messages", "messages_field": "messages", "id_field": "id", "limit": None}
-    )
-    training = cfg.training.model_copy(update={"micro_batch_size": max(1, round(cfg.training.micro_batch_size * ratio))})
+def static_experiment(cfg: ExperimentConfig, ids_path: Path, batch: str = "scaled") -> ExperimentConfig:
+    """The run a static arm trains: the same tokenized set narrowed to its kept ids (`data.subset`), rows whole (no
+    further pruning), with the arm's batch rule (`ArmConfig.static_batch`): 'scaled' trains round(pool x sample_ratio)
+    rows per optimizer step, so the arm takes the full-data arm's number of steps and trains as many rows as a
+    dynamic arm; 'same' keeps the configured pool and micro-batch (fewer optimizer steps)."""
+    t = cfg.training
     raw = cfg.model_dump(mode="json")
-    raw.update(data=data.model_dump(mode="json"), training=training.model_dump(mode="json"))
+    raw["data"] = {**raw["data"], "subset": str(ids_path)}
     raw["pruning"] = {**raw["pruning"], **FULL_DATA, "token_budget": "per_sample"}
+    if batch == "scaled":
+        rows_per_step = keep_count(cfg.pool_size, cfg.pruning.sample_ratio)
+        micro = min(t.micro_batch_size, rows_per_step)
+        raw["training"] = {**raw["training"], "micro_batch_size": micro}
+        raw["pruning"]["selection_batch_size"] = rows_per_step if rows_per_step > micro else None
     return ExperimentConfig.model_validate(raw)
 
 

@@ -1,0 +1,301 @@
+"""The one helper every cached stage uses: its key, its output folder, the manifest of what it wrote, and the check
+of a cached output before it is trusted.
+
+A stage is a Prefect task declared with `@stage(...)`:
+
+    @stage("score_eu", folder="scores", ingredients=lambda data, model, pipeline: {...}, packages=("torch",))
+    def score_eu(data, model, pipeline, *, out: Path, key: str) -> ScoresRecord:
+        ...write files into `out`...; return ScoresRecord(key=key, path=str(out / "scores.parquet"), ...)
+
+- **Key** = sha256 of the ingredients the stage names (configs as JSON, content fingerprints, never model objects),
+  the stage's own module source, the source of the whole `qtuning` package (every .py and .yaml file: a helper
+  moved to another module cannot be missed) and the versions of the packages that matter. Prefect's default
+  policy would key on the flow run and `TASK_SOURCE` sees only the task's lines, so neither is used.
+- **Folder**: `runs/<folder>/<key[:16]>`, or a function of the inputs (training keeps one resumable folder).
+- **Manifest**: `manifest.json`, written last, lists every file with its size and sha256. A folder without one
+  is incomplete (the process died while writing it) and is rebuilt from scratch.
+- **Check**: calling the task first verifies the manifest of the folder its key names. A missing or damaged file
+  is reported with its path and the stage runs again (`refresh_cache`, Prefect's public option), replacing the
+  record; a valid folder is a cache hit as usual.
+
+Records are persisted in Prefect's result storage (`$PREFECT_HOME/storage`), so hits survive across flow runs
+and processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+import qtuning
+from qtuning.config import BUNDLED_MODEL, ModelConfig
+
+MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------- fingerprints
+def digest(obj: Any) -> str:
+    """sha256 of a JSON rendering of `obj` (pydantic models by their JSON dump, paths as strings)."""
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@lru_cache(maxsize=1024)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash of one file; memoised on (path, size, mtime) so a process hashes a file once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    p = Path(path)
+    st = p.stat()
+    return _file_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def dir_fingerprint(path: str | Path, hash_limit_bytes: int = 16 << 20) -> str:
+    """A folder's identity: names and content hashes of its files; files over `hash_limit_bytes` (weights)
+    count by name, size and modification time, which changes whenever they are rewritten."""
+    root = Path(path)
+    entries = []
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = p.stat()
+        ident = file_fingerprint(p) if st.st_size <= hash_limit_bytes else f"{st.st_size}:{st.st_mtime_ns}"
+        entries.append((str(p.relative_to(root)), ident))
+    return digest(entries)
+
+
+def path_fingerprint(path: str | Path) -> str:
+    p = Path(path)
+    return dir_fingerprint(p) if p.is_dir() else file_fingerprint(p)
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """Which weights (and architecture) a ModelConfig loads, without loading them."""
+    if model.name == BUNDLED_MODEL:
+        from qtuning.assets import model_dir
+
+        where = dir_fingerprint(model_dir(model.name))
+    elif Path(model.name).expanduser().exists():
+        where = dir_fingerprint(Path(model.name).expanduser())
+    else:
+        where = f"hub:{model.name}"
+    if model.random_init:  # weights come from the seed; only the architecture and tokenizer files matter
+        where = "random:" + where
+    return digest({"config": model, "weights": where})
+
+
+def library_fingerprint(root: str | Path | None = None, packages: tuple[str, ...] = ()) -> str:
+    """qtuning's version, the content of every .py and .yaml file of the package at `root` (default: the installed
+    one), and the installed versions of `packages`."""
+    root = Path(root) if root is not None else Path(qtuning.__file__).resolve().parent
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return digest({"qtuning": qtuning.__version__, "files": {str(p.relative_to(root)): file_fingerprint(p) for p in files},
+                   "versions": versions})
+
+
+def runs_root(runs_dir: str) -> Path:
+    """The pipeline's output folder, absolute (so cache keys and records do not depend on the caller's cwd)."""
+    return Path(os.path.abspath(Path(runs_dir).expanduser()))
+
+
+# --------------------------------------------------------------------------- manifests
+def write_manifest(out: Path, exclude: Callable[[str], bool] = lambda rel: False) -> Path:
+    """`out/manifest.json`: size and sha256 of every file under `out` (but excluded ones), written atomically, last."""
+    files = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file() and q.name != MANIFEST):
+        rel = p.relative_to(out).as_posix()
+        if not exclude(rel):
+            files[rel] = {"size": p.stat().st_size, "sha256": file_fingerprint(p)}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.replace(out / MANIFEST)
+    return out / MANIFEST
+
+
+def check_manifest(out: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and checksum; else what is wrong, with paths."""
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return f"{out} is incomplete (no {MANIFEST}: its stage did not finish)" if out.exists() else f"{out} does not exist"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is damaged"
+    for rel, meta in files.items():
+        p = out / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{p} is damaged (size {p.stat().st_size} bytes, {meta['size']} when written)"
+        if file_fingerprint(p) != meta["sha256"]:
+            return f"{p} is damaged (its checksum differs from the one written with it)"
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class Stage:
+    """What makes one stage's cache key and output folder (see the module docstring)."""
+
+    name: str  # the Prefect task's name
+    ingredients: Callable[..., Any]  # the task's inputs -> what its result depends on
+    packages: tuple[str, ...] = ()
+    folder: str | Callable[..., Path] = ""  # runs/<folder>/<key[:16]>, or (inputs..., key=) -> output folder
+    resumable: bool = False  # keep an unfinished folder (training resumes from its checkpoints) instead of clearing it
+    exclude: Callable[[str], bool] = field(default=lambda rel: False)  # files the manifest leaves out (checkpoints)
+    module: str = ""  # the task module, whose source is part of the key
+
+    def key(self, inputs: dict[str, Any]) -> str:
+        return digest({
+            "stage": self.name,
+            "ingredients": self.ingredients(**inputs),
+            "task_source": _module_source(self.module),
+            "stage_source": _module_source(__name__),
+            "library": _installed_library_fingerprint(self.packages),
+        })
+
+    def out_dir(self, inputs: dict[str, Any], key: str) -> Path:
+        if callable(self.folder):
+            return self.folder(**inputs, key=key)
+        return runs_root(inputs["pipeline"].runs_dir) / (self.folder or self.name) / key[:16]
+
+
+@lru_cache(maxsize=64)
+def _module_source(module: str) -> str:
+    mod = sys.modules.get(module)
+    return hashlib.sha256(inspect.getsource(mod).encode()).hexdigest() if mod else ""
+
+
+@lru_cache(maxsize=64)
+def _installed_library_fingerprint(packages: tuple[str, ...]) -> str:
+    return library_fingerprint(packages=packages)
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Prefect cache policy: the stage's key from the task's inputs."""
+
+    stage: Stage = None  # type: ignore[assignment]
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        return self.stage.key(inputs)
+
+
+class StageTask:
+    """A stage's Prefect task; calling it checks a cached output before trusting it (else refresh_cache)."""
+
+    def __init__(self, prefect_task, spec: Stage, signature: inspect.Signature):
+        self.task = prefect_task
+        self.stage = spec
+        self.signature = signature
+        functools.update_wrapper(self, prefect_task.fn, updated=())
+
+    @property
+    def fn(self):
+        """The stage body with key, folder and manifest handling, outside Prefect (tests, scripts)."""
+        return self.task.fn
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def locate(self, *args, **kwargs) -> tuple[str, Path]:
+        """(key, output folder) the call would use."""
+        inputs = self.inputs(args, kwargs)
+        key = self.stage.key(inputs)
+        return key, self.stage.out_dir(inputs, key)
+
+    def __call__(self, *args, **kwargs):
+        key, out = self.locate(*args, **kwargs)
+        problem = check_manifest(out)
+        if problem is None:
+            return self.task(*args, **kwargs)  # a cache hit if Prefect has the record, else it runs
+        if out.exists():
+            get_run_logger().warning(f"{self.stage.name}: the cached output cannot be trusted, rebuilding: {problem}")
+        return self.task.with_options(refresh_cache=True)(*args, **kwargs)
+
+    def with_options(self, **options) -> StageTask:
+        return StageTask(self.task.with_options(**options), self.stage, self.signature)
+
+
+def stage(
+    name: str,
+    *,
+    ingredients: Callable[..., Any],
+    packages: Iterable[str] = (),
+    folder: str | Callable[..., Path] = "",
+    resumable: bool = False,
+    exclude: Callable[[str], bool] = lambda rel: False,
+    **task_options: Any,
+) -> Callable[[Callable[..., Any]], StageTask]:
+    """Declare a cached stage: `body(*inputs, out: Path, key: str) -> Record` becomes a Prefect task named `name`
+    whose callers pass only the inputs. The body writes into `out`; the manifest is written after it returns."""
+
+    def decorate(body: Callable[..., Any]) -> StageTask:
+        sig = inspect.signature(body)
+        public = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in ("out", "key")])
+        spec = Stage(name, ingredients, tuple(packages), folder, resumable, exclude, body.__module__)
+
+        def run(*args, **kwargs):
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            inputs = dict(bound.arguments)
+            key = spec.key(inputs)
+            out = spec.out_dir(inputs, key)
+            (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is being rewritten
+            if not resumable:
+                shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            record = body(*args, **kwargs, out=out, key=key)
+            write_manifest(out, exclude)
+            return record
+
+        functools.update_wrapper(run, body)
+        del run.__wrapped__  # Prefect reads the parameters from __signature__: the inputs, without out and key
+        run.__signature__ = public
+        prefect_task = task(name=name, cache_policy=StageCache(stage=spec), persist_result=True, **task_options)(run)
+        return StageTask(prefect_task, spec, public)
+
+    return decorate
