@@ -162,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from flows.run import run_comparison  # Prefect and MLflow load only now
+    from commands.settings import apply_prefect_defaults
+
+    apply_prefect_defaults()
+    from flows.compare import compare  # Prefect and MLflow load only now
 
     start = time.perf_counter()
     print(f"qtuning run: {cfg.name}: {', '.join(a.name for a in cfg.arms)} on {cfg.model.name}, "
           f"{cfg.data.limit or 'all'} rows of {cfg.data.source}, eval limit {cfg.evaluation.limit}", flush=True)
-    result = run_comparison(cfg)
+    result = compare(cfg)  # Prefect turns SIGTERM into an exception: runs end KILLED, a trainer is stopped
     minutes = (time.perf_counter() - start) / 60
     print()
     print(result.table)

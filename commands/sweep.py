@@ -35,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
 
-    from flows.run import PREFECT_DEFAULTS  # Prefect start-up settings, then the flow
-    import os
+    from commands.settings import apply_prefect_defaults
 
-    for k, v in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+    apply_prefect_defaults()  # Prefect's start-up settings, then the flow
     from flows.sweep import sweep
 
     start = time.perf_counter()

@@ -27,7 +27,6 @@ Only the standard library and qtuning.config are imported at module level; Prefe
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import os
 import typing
@@ -37,7 +36,7 @@ from typing import Any
 
 from qtuning.config import CompareConfig, ConfigError, load_yaml
 
-# flow name -> "module:function"; a flow whose module is absent (sweep, before flows/sweep.py exists) is skipped
+# flow name -> "module:function"
 FLOWS: dict[str, str] = {
     "experiment": "flows.experiment:experiment",
     "compare": "flows.compare:compare",
@@ -50,22 +49,13 @@ DEPLOYMENT_PREFIX = "qtuning"
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def available(name: str) -> bool:
-    """Whether the flow's module exists in this checkout (without importing it, so without Prefect)."""
-    return importlib.util.find_spec(FLOWS[name].partition(":")[0]) is not None
-
-
 def resolve_flow_names(requested: Sequence[str] | None) -> list[str]:
-    """`--flows` -> flow names: unknown names are refused; with none given, the defaults that exist here."""
+    """`--flows` -> flow names: unknown names are refused; with none given, the defaults."""
     if not requested:
-        return [n for n in DEFAULT_FLOWS if available(n)]
+        return list(DEFAULT_FLOWS)
     unknown = [n for n in requested if n not in FLOWS]
     if unknown:
         raise ConfigError(f"--flows: unknown flow(s) {', '.join(unknown)}; choose from {', '.join(FLOWS)}")
-    missing = [n for n in requested if not available(n)]
-    if missing:
-        raise ConfigError(f"--flows: {', '.join(missing)} not in this checkout ({', '.join(FLOWS[n] for n in missing)}); "
-                          f"drop it from --flows")
     return list(dict.fromkeys(requested))
 
 

@@ -209,10 +209,6 @@ def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     ref.client.log_text(ref.run_id, text, artifact_file)
 
 
-def log_dict(ref: RunRef, obj: Any, artifact_file: str) -> None:
-    ref.client.log_dict(ref.run_id, obj, artifact_file)
-
-
 def log_config(ref: RunRef, cfg: BaseModel, artifact_file: str, prefix: str = "") -> None:
     """The config as params (flattened dotted keys) and as the YAML file it round-trips through."""
     from qtuning.config import dump_yaml

@@ -61,7 +61,6 @@ def test_sweep_is_served_when_its_flow_exists():
     assert ("sweep" in names) == Path(deploy.__file__).with_name("sweep.py").exists()
 
 
-@pytest.mark.skipif(not deploy.available("sweep"), reason="flows/sweep.py is not in this checkout")
 def test_sweep_deployment_takes_its_defaults_from_the_sweep_file():
     from qtuning.config import SweepConfig
 
