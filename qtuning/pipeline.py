@@ -71,7 +71,7 @@ def static_selection(scores: pd.DataFrame, pruning: PruningConfig) -> pd.DataFra
 
 
 def write_static_dataset(cfg: ExperimentConfig, kept_ids: list[str], path: Path) -> int:
-    """The kept rows of `cfg.data`, as {"id", "messages"} JSON lines in the source's order; returns the count."""
+    """The kept rows of `cfg.data`, as {"id", **Example.to_row()} JSON lines in the source's order; returns the count."""
     from qtuning.data import load_rows
 
     wanted = set(kept_ids)
@@ -82,7 +82,7 @@ def write_static_dataset(cfg: ExperimentConfig, kept_ids: list[str], path: Path)
     with tmp.open("w", encoding="utf-8") as f:
         for ex in rows.examples:
             if ex.sample_id in wanted:
-                f.write(json.dumps({"id": ex.sample_id, "messages": ex.messages}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"id": ex.sample_id, **ex.to_row()}, ensure_ascii=False) + "\n")
                 n += 1
     tmp.replace(path)
     return n
@@ -93,7 +93,8 @@ def static_experiment(cfg: ExperimentConfig, data_path: Path) -> ExperimentConfi
     the sample ratio, so it takes the full-data arm's number of optimizer steps and trains as many rows."""
     ratio = cfg.pruning.sample_ratio
     data = cfg.data.model_copy(
-        update={"source": str(data_path), "format": "messages", "messages_field": "messages", "id_field": "id", "limit": None}
+        update={"source": str(data_path), "format": "auto", "messages_field": "messages", "prompt_field": "prompt",
+                "text_field": "text", "id_field": "id", "limit": None}  # the rows Example.to_row wrote
     )
     training = cfg.training.model_copy(update={"micro_batch_size": max(1, round(cfg.training.micro_batch_size * ratio))})
     raw = cfg.model_dump(mode="json")
