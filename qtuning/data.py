@@ -551,9 +551,14 @@ _FEATURES = datasets.Features(
 )
 
 
-def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) -> SFTData:
-    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate`` (then ``cfg.subset``, if set)."""
-    rows = load_rows(cfg, log=_stderr if progress else None)
+def build_sft_dataset(
+    cfg: DataConfig, tokenizer: Any, progress: bool = True, log: Callable[[str], None] | None = None
+) -> SFTData:
+    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate`` (then ``cfg.subset``, if set).
+
+    `log` receives the one line that says which format ``format: auto`` chose (default: standard error).
+    """
+    rows = load_rows(cfg, log=log or _stderr)
     columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress, cfg.train_on_prompt)
     skipped = Counter(rows.skipped) + Counter(dropped)
     if not columns["sample_id"]:
