@@ -141,6 +141,15 @@ def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
     assert len(steps) == 2 and all(0.25 <= e["prune/kept_samples"] < 1 and e["prune/kept_tokens"] < 1 for e in steps)
     assert type(trainer).__mro__[1].__name__ == "QTuningMixin"
 
+    # qtuning's tokenized rows (any data format, labels on assistant tokens only) pass through TRL untouched
+    rows = build_sft_dataset(DataConfig(source="arc", limit=8, max_length=160), tokenizer, progress=False).dataset
+    long = SFTConfig(output_dir=str(tmp_path / "pre"), per_device_train_batch_size=8, max_length=256, report_to=[],
+                     use_cpu=True, dataloader_num_workers=0)
+    pre = QTuningSFTTrainer(model=tiny_model, args=long, train_dataset=rows, processing_class=copy.deepcopy(tokenizer),
+                            pruning=PruningConfig())
+    batch = next(iter(pre.get_train_dataloader()))
+    assert int((batch["labels"] != -100).sum()) == sum(rows["response_length"])
+
     with pytest.raises(ValueError, match="padding_free"):
         QTuningSFTTrainer(model=tiny_model, args=SFTConfig(output_dir=str(tmp_path / "pf"), padding_free=True,
                                                            per_device_train_batch_size=8, report_to=[], use_cpu=True),
