@@ -20,7 +20,9 @@ What changes, and where (all through the Trainer's documented hooks, nothing of 
   the Trainer's `num_items_in_batch`.
 - `compute_loss`: the weighted sum of token NLLs of the micro-batch divided by that denominator, so the
   accumulated gradient is the one of a single large batch, as in `qtuning.train.learn` (`loss_is_scaled_for_ga`
-  tells `training_step` not to divide again). Evaluation (no pruning) keeps the parent class's loss.
+  tells `training_step` not to divide again). Across processes it is also the engine's reading: each process
+  divides by its own step's count and DDP averages the gradients (`average_tokens_across_devices` is not
+  applied). Evaluation (no pruning) keeps the parent class's loss.
 - `log`: the pruning metrics of the steps since the last log (`prune/kept_samples`, `prune/kept_tokens`,
   `prune/q1`..`prune/q4`, ...) join the Trainer's own log line, so every `report_to` integration gets them.
 
