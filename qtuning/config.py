@@ -22,6 +22,7 @@ from qtuning.triage import keep_count
 BUNDLED_MODEL = "smollm2-135m-instruct"
 SCORE_CHUNK_TOKENS = 2048  # positions per chunk of the scoring head: its fp32 logits are chunk x vocabulary
 DATA_PRESETS = ("sharegpt", "arc")
+DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "alpaca", "prompt_completion", "text")  # data.format
 
 # The rule names come from the registry, the only list of them (qtuning.rules; no torch at import).
 SampleRule = Literal[tuple(SAMPLE_RULES)]  # type: ignore[valid-type]
@@ -72,15 +73,35 @@ class ModelConfig(_Frozen):
         default_factory=dict,
         description="Overrides of the model's transformers config, e.g. {num_hidden_layers: 2} (random_init only).",
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template (a string containing '{%' or '{{', or the path of a file holding one) that "
+        "replaces the tokenizer's: for base models without one. Chat-format rows are rendered with it and the "
+        "fine-tuned model is saved with it. Plain-text formats (text, string prompt/completion) need none.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        problems = []
         if self.config_overrides and not self.random_init:
-            raise ValueError(
+            problems.append(
                 "model.config_overrides is only allowed with model.random_init: true "
                 "(overriding the shape of pretrained weights would not load them)"
             )
+        t = self.chat_template
+        if t is not None and not is_template_text(t) and not Path(t).expanduser().is_file():
+            problems.append(
+                f"model.chat_template: {t!r} is neither a Jinja template (no '{{%' or '{{{{') nor an existing file; "
+                "give the template itself or the path of a file holding it"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def is_template_text(value: str) -> bool:
+    """A chat_template value that is the template itself rather than a file path."""
+    return "{%" in value or "{{" in value
 
 
 class DataConfig(_Frozen):
@@ -91,15 +112,32 @@ class DataConfig(_Frozen):
         description="A bundled preset (sharegpt, arc), a local .jsonl/.json/.parquet file, or a hub dataset id.",
     )
     split: str = Field("train", description="Split to read (hub datasets and parquet folders).")
-    format: Literal["auto", "pairs", "messages"] = Field(
+    format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "auto",
-        description="'pairs': prompt/response fields; 'messages': a chat list of {role, content}; "
-        "'auto': 'messages' if the messages field exists in the first row, else 'pairs'.",
+        description="How a row reads. 'pairs': prompt/response fields (names below); 'messages': a chat list of "
+        "{role, content}; 'sharegpt': a 'conversations' list of {from, value} (human/gpt/system, or user/assistant); "
+        "'alpaca': instruction, input, output, optional system and history ([user, assistant] pairs before the "
+        "last turn); 'prompt_completion': TRL's prompt and completion, both strings (plain text, no chat template) "
+        "or both message lists (loss on the completion's assistant turns); 'text': plain text, every token carries "
+        "loss. 'auto': recognised from the first row's fields (in the order messages, sharegpt, alpaca, "
+        "prompt_completion, pairs, text) and reported. Chat formats label every assistant turn.",
     )
-    prompt_field: str = Field("prompt", description="Field holding the user prompt (pairs format).")
+    prompt_field: str = Field("prompt", description="Field holding the user prompt (pairs and prompt_completion formats).")
     response_field: str = Field("response", description="Field holding the target response (pairs format).")
     system_field: str | None = Field(None, description="Optional field with a system prompt (pairs format).")
     messages_field: str = Field("messages", description="Field holding the chat list (messages format).")
+    conversations_field: str = Field("conversations", description="Field holding the {from, value} list (sharegpt format).")
+    text_field: str = Field("text", description="Field holding the text (text format).")
+    train_on_prompt: bool = Field(
+        False,
+        description="Loss on every token (system, prompt, template markup) instead of the responses only. Off: "
+        "the paper's SFT, where Q-Tuning's sample and token scores are over response tokens.",
+    )
+    first_turn_only: bool = Field(
+        False,
+        description="Keep each conversation up to its first trained assistant turn (the first exchange) instead of "
+        "every turn up to max_length; the sharegpt preset before whole conversations were kept.",
+    )
     id_field: str | None = Field(None, description="Field with a stable row id; default: the row's position in the source.")
     max_length: int = Field(1024, ge=8, description="Tokens per sample after the chat template; longer rows are cut.")
     limit: int | None = Field(None, ge=1, description="Use at most this many rows (after a seeded shuffle).")
@@ -126,6 +164,17 @@ class DataConfig(_Frozen):
                 f"a preset ({', '.join(DATA_PRESETS)}) or a hub dataset id"
             )
         return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        problems = []
+        if self.format == "text" and self.train_on_prompt:
+            problems.append("data.train_on_prompt has no effect with data.format: text (every token carries loss); remove it")
+        if self.format == "text" and self.first_turn_only:
+            problems.append("data.first_turn_only has no effect with data.format: text (a text has no turns); remove it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class PruningConfig(_Frozen):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtuning import assets
-from qtuning.config import DATA_PRESETS, DataConfig
+from qtuning.config import DATA_FORMATS, DATA_PRESETS, DataConfig
 
 IGNORE_INDEX = -100  # label value the loss ignores (torch.nn.CrossEntropyLoss default)
 ROLES = ("system", "user", "assistant")
@@ -43,10 +44,26 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One validated row, normalised to a chat."""
+    """One validated row: a chat (rendered with the chat template), or plain-text segments (no template).
+
+    Chat: assistant messages from index `loss_from` on carry loss (0 but for conversational prompt/completion,
+    whose prompt's own turns do not). Plain text: each segment is (text, carries loss); eos ends the sequence.
+    """
 
     sample_id: str
     messages: Messages
+    segments: tuple[tuple[str, bool], ...] = ()
+    loss_from: int = 0
+
+    def to_row(self) -> dict[str, Any]:
+        """The example as a row that ``load_rows`` reads back as itself (format auto): for exported subsets."""
+        if self.segments:
+            if len(self.segments) == 1:
+                return {"text": self.segments[0][0]}
+            return {"prompt": self.segments[0][0], "completion": self.segments[1][0]}
+        if self.loss_from:
+            return {"prompt": self.messages[: self.loss_from], "completion": self.messages[self.loss_from :]}
+        return {"messages": self.messages}
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,7 @@ class LoadedRows:
     examples: list[Example]
     skipped: dict[str, int]
     source: str  # the resolved source: a file path or a hub id
+    format: str = ""  # the format the rows were read as (data.format, or what auto recognised)
 
 
 @dataclass(frozen=True)
@@ -71,15 +89,16 @@ class SFTData:
     skipped: dict[str, int]  # reason -> rows dropped (bad rows, "response truncated away")
     source: str  # the resolved source: a file path or a hub id
     config: DataConfig  # what it was built from (``subset`` is applied later, by ``select_ids``)
+    format: str = ""  # the format the rows were read as (data.format, or what auto recognised)
 
-    META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, source, config
+    META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, source, config, format
 
     def save(self, path: str | Path) -> Path:
         """The dataset's arrow files and ``sft_data.json`` into the folder `path` (created; its content replaced)."""
         path = Path(path)
         self.dataset.save_to_disk(str(path))
         meta = {"fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
-                "config": self.config.model_dump(mode="json")}
+                "config": self.config.model_dump(mode="json"), "format": self.format}
         (path / self.META).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -92,7 +111,7 @@ class SFTData:
             raise DataError(f"{path}: not a tokenized qtuning data set (no {cls.META}); prepare it with qtuning.data")
         meta = json.loads(meta_path.read_text())
         return cls(datasets.load_from_disk(str(path)), meta["fingerprint"], meta["skipped"], meta["source"],
-                   DataConfig.model_validate(meta["config"]))
+                   DataConfig.model_validate(meta["config"]), meta.get("format", ""))
 
     def select_ids(self, ids_file: str | Path) -> SFTData:
         """The rows whose sample_id is listed in `ids_file` (one per line), in the data set's order.
@@ -110,7 +129,7 @@ class SFTData:
                             "the subset file belongs to another data set")
         rows = sorted(position[sid] for sid in set(wanted))
         digest = hashlib.sha256((self.fingerprint + "\n" + "\n".join(sorted(set(wanted)))).encode()).hexdigest()
-        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config)
+        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config, self.format)
 
 
 # ---- reading and validating -------------------------------------------------------------------------------
@@ -133,11 +152,12 @@ def resolve_source(source: str) -> Path | str:
     return path if path.exists() else source
 
 
-def load_rows(cfg: DataConfig) -> LoadedRows:
+def load_rows(cfg: DataConfig, log: Callable[[str], None] | None = None) -> LoadedRows:
     """Read and validate every row of ``cfg.source``, then apply the seeded shuffle and ``cfg.limit``.
 
     With ``on_bad_row: error`` all rows are still checked, so one DataError lists the first problems and
-    their total; with ``skip`` bad rows are dropped and counted by reason.
+    their total; with ``skip`` bad rows are dropped and counted by reason. ``format: auto`` is decided on the
+    first row that is an object, and said once through `log`.
     """
     src = resolve_source(cfg.source)
     name = str(src) if cfg.source in DATA_PRESETS else cfg.source  # what error messages call the source
@@ -152,8 +172,15 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
             if isinstance(row, _BadRow):
                 raise row
             if fmt is None and isinstance(row, dict):
-                fmt = "messages" if cfg.messages_field in row else "pairs"
-            messages = _messages_from(row, fmt or "pairs", cfg)
+                fmt = detect_format(row, cfg)
+                if fmt is None:
+                    raise DataError(
+                        f"{name}: {where}: cannot tell the data format from the fields {sorted(row)}; set data.format "
+                        f"to one of {', '.join(f for f in DATA_FORMATS if f != 'auto')} (and its field names)"
+                    )
+                if log:
+                    log(f"{name}: data.format auto: reading the rows as '{fmt}' (fields of {where}: {', '.join(sorted(row))})")
+            example = _example_from(row, fmt or "pairs", cfg)
             sample_id = _sample_id(row, index, cfg.id_field)
             if sample_id in first_row_of_id:
                 raise _BadRow(
@@ -166,7 +193,9 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
             if len(problems) < _MAX_REPORTED:
                 problems.append(f"{name}: {where}: {bad.detail}")
             continue
-        examples.append(Example(sample_id, messages))
+        if cfg.first_turn_only:
+            example = _first_turn(example)
+        examples.append(Example(sample_id, example.messages, example.segments, example.loss_from))
 
     n_bad = sum(skipped.values())
     if n_bad and cfg.on_bad_row == "error":
@@ -181,7 +210,32 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
     if cfg.limit is not None:
         random.Random(cfg.seed).shuffle(examples)
         examples = examples[: cfg.limit]
-    return LoadedRows(examples, dict(skipped), str(src))
+    return LoadedRows(examples, dict(skipped), str(src), fmt or cfg.format)
+
+
+def detect_format(row: Mapping[str, Any], cfg: DataConfig) -> str | None:
+    """The format a row's fields say, first match in the order of DataConfig.format's description; None if none."""
+    if cfg.messages_field in row:
+        return "messages"
+    if cfg.conversations_field in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if cfg.prompt_field in row and "completion" in row:
+        return "prompt_completion"
+    if cfg.prompt_field in row or cfg.response_field in row:
+        return "pairs"
+    if cfg.text_field in row:
+        return "text"
+    return None
+
+
+def _first_turn(ex: Example) -> Example:
+    """A chat cut after its first trained assistant message (plain text is left as is)."""
+    for i, msg in enumerate(ex.messages):
+        if i >= ex.loss_from and msg["role"] == "assistant":
+            return Example(ex.sample_id, ex.messages[: i + 1], ex.segments, ex.loss_from)
+    return ex
 
 
 def _raw_rows(src: Path | str, split: str) -> Iterator[tuple[int, str, Any]]:
@@ -246,8 +300,11 @@ def _text(row: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _messages_from(row: Any, fmt: str, cfg: DataConfig) -> Messages:
-    """Validate one row in `fmt` and normalise it to a chat of {role, content}."""
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _example_from(row: Any, fmt: str, cfg: DataConfig) -> Example:
+    """Validate one row in `fmt` and normalise it to an Example (its sample_id is set by the caller)."""
     if not isinstance(row, dict):
         raise _BadRow("not an object", f"expected an object, got {_type_name(row)}")
     if fmt == "pairs":
@@ -255,9 +312,23 @@ def _messages_from(row: Any, fmt: str, cfg: DataConfig) -> Messages:
         messages.append({"role": "assistant", "content": _text(row, cfg.response_field)})
         if cfg.system_field is not None and row.get(cfg.system_field) not in (None, ""):
             messages.insert(0, {"role": "system", "content": _text(row, cfg.system_field)})
-        return messages
+        return Example("", messages)
+    if fmt == "messages":
+        return Example("", _checked_chat(_chat(row, cfg.messages_field, "role", "content", ROLES), cfg.messages_field))
+    if fmt == "sharegpt":
+        key = cfg.conversations_field
+        return Example("", _checked_chat(_chat(row, key, "from", "value", tuple(SHAREGPT_ROLES)), key))
+    if fmt == "alpaca":
+        return Example("", _alpaca(row))
+    if fmt == "prompt_completion":
+        return _prompt_completion(row, cfg.prompt_field)
+    if fmt == "text":
+        return Example("", [], ((_text(row, cfg.text_field), True),))
+    raise ValueError(f"unknown data format {fmt!r}")  # unreachable: DataConfig.format is a Literal
 
-    key = cfg.messages_field
+
+def _chat(row: Mapping[str, Any], key: str, role_key: str, content_key: str, roles: Sequence[str]) -> Messages:
+    """row[key] as a list of {role, content}, read from {role_key, content_key} objects whose role is in `roles`."""
     if key not in row:
         raise _BadRow(f"missing field '{key}'", f"field '{key}': missing")
     chat = row[key]
@@ -271,20 +342,25 @@ def _messages_from(row: Any, fmt: str, cfg: DataConfig) -> Messages:
         if not isinstance(msg, dict):
             raise _BadRow(
                 f"bad message in field '{key}'",
-                f"field '{at}': expected an object with role and content, got {_type_name(msg)}",
+                f"field '{at}': expected an object with {role_key} and {content_key}, got {_type_name(msg)}",
             )
-        if msg.get("role") not in ROLES:
+        if msg.get(role_key) not in roles:
             raise _BadRow(
                 f"bad message in field '{key}'",
-                f"field '{at}.role': expected one of {', '.join(ROLES)}, got {msg.get('role')!r}",
+                f"field '{at}.{role_key}': expected one of {', '.join(roles)}, got {msg.get(role_key)!r}",
             )
-        if not isinstance(msg.get("content"), str):
+        if not isinstance(msg.get(content_key), str):
             raise _BadRow(
                 f"bad message in field '{key}'",
-                f"field '{at}.content': expected a string, got {_type_name(msg.get('content'))}",
+                f"field '{at}.{content_key}': expected a string, got {_type_name(msg.get(content_key))}",
             )
-        messages.append({"role": msg["role"], "content": msg["content"]})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        messages.append({"role": SHAREGPT_ROLES[msg[role_key]], "content": msg[content_key]})
+    return messages
+
+
+def _checked_chat(messages: Messages, key: str, loss_from: int = 0) -> Messages:
+    """A chat that trains: an assistant message with content (from `loss_from` on), a user message first."""
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[loss_from:]):
         raise _BadRow(f"no assistant turn in field '{key}'", f"field '{key}': no assistant message with content")
     first = next(m for m in messages if m["role"] != "system")
     if first["role"] != "user":
@@ -293,6 +369,52 @@ def _messages_from(row: Any, fmt: str, cfg: DataConfig) -> Messages:
             f"bad message in field '{key}'", f"field '{key}': the first non-system message must be a user message"
         )
     return messages
+
+
+def _alpaca(row: Mapping[str, Any]) -> Messages:
+    """instruction (+ newline + input) -> output, after the optional system prompt and history pairs."""
+    messages: Messages = []
+    if row.get("system") not in (None, ""):
+        messages.append({"role": "system", "content": _text(row, "system")})
+    history = row.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise _BadRow("wrong type in field 'history'",
+                          f"field 'history': expected a list of [user, assistant] pairs, got {_type_name(history)}")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                got = f"a list of {len(pair)}" if isinstance(pair, list) and len(pair) != 2 else _type_name(pair)
+                if isinstance(pair, list) and len(pair) == 2:
+                    got = f"[{', '.join(_type_name(t) for t in pair)}]"
+                raise _BadRow("bad pair in field 'history'",
+                              f"field 'history[{i}]': expected a [user, assistant] pair of strings, got {got}")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = _text(row, "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise _BadRow("wrong type in field 'input'", f"field 'input': expected a string, got {_type_name(extra)}")
+    if extra and extra.strip():
+        prompt = f"{prompt}\n{extra}"
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    return messages
+
+
+def _prompt_completion(row: Mapping[str, Any], prompt_key: str) -> Example:
+    """TRL's prompt/completion: two strings (plain text, loss on the completion) or two message lists."""
+    if isinstance(row.get(prompt_key), list) or isinstance(row.get("completion"), list):
+        prompt = _chat(row, prompt_key, "role", "content", ROLES)
+        if not isinstance(row.get("completion"), list):
+            raise _BadRow("wrong type in field 'completion'",
+                          f"field 'completion': expected a list of messages like '{prompt_key}', "
+                          f"got {_type_name(row.get('completion'))}")
+        completion = _chat(row, "completion", "role", "content", ROLES)
+        messages = prompt + completion
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in completion):
+            raise _BadRow("no assistant turn in field 'completion'", "field 'completion': no assistant message with content")
+        if not any(m["role"] != "system" for m in prompt):
+            raise _BadRow(f"bad message in field '{prompt_key}'", f"field '{prompt_key}': no user message")
+        return Example("", _checked_chat(messages, prompt_key, len(prompt)), loss_from=len(prompt))
+    return Example("", [], ((_text(row, prompt_key), False), (_text(row, "completion"), True)))
 
 
 def _sample_id(row: Mapping[str, Any], index: int, id_field: str | None) -> str:
@@ -314,9 +436,9 @@ def _sample_id(row: Mapping[str, Any], index: int, id_field: str | None) -> str:
 
 
 def tokenize_rows(
-    examples: Sequence[Example], tokenizer: Any, max_length: int, progress: bool = True
+    examples: Sequence[Example], tokenizer: Any, max_length: int, progress: bool = True, train_on_prompt: bool = False
 ) -> tuple[dict[str, list], dict[str, int]]:
-    """Chat-template each example; label each assistant turn; cut to `max_length`.
+    """Chat-template each chat example and label its assistant turns; tokenize plain-text ones; cut to `max_length`.
 
     An assistant turn i spans the tokens between ``template(messages[:i], add_generation_prompt=True)`` and
     ``template(messages[:i+1])``, so the header ``<|im_start|>assistant\\n`` stays unlabelled and the turn's
@@ -324,12 +446,16 @@ def tokenize_rows(
     newline) is left out. This relies on each rendering being a token prefix of the full conversation,
     which is checked: a template that breaks it raises DataError instead of mislabelling silently.
 
+    Plain-text examples are their segments' tokens (special tokens such as bos only before the first) and
+    eos, which carries loss. `train_on_prompt` labels every token.
+
     Returns the dataset columns and the rows dropped by reason ("response truncated away").
     """
-    if getattr(tokenizer, "chat_template", None) is None:
+    if getattr(tokenizer, "chat_template", None) is None and any(not ex.segments for ex in examples):
         raise DataError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template; qtuning formats SFT rows with the "
-            "model's chat template: use an instruct/chat model or set tokenizer.chat_template"
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; qtuning formats chat rows with the "
+            "model's chat template: use an instruct/chat model, set model.chat_template (a Jinja template or a file, "
+            "e.g. ChatML) or use a plain-text format (text, or prompt/completion strings)"
         )
     eos = tokenizer.eos_token_id
     columns: dict[str, list] = {"sample_id": [], "input_ids": [], "labels": [], "length": [], "response_length": []}
@@ -339,38 +465,31 @@ def tokenize_rows(
         chunk = examples[start : start + _TOKENIZE_CHUNK]
         # Render every string of the chunk first, then tokenize them in one batched (parallel, Rust) call.
         texts: list[str] = []
+        first_segments: list[str] = []  # tokenized with the tokenizer's special tokens (bos)
         for ex in chunk:
+            if ex.segments:
+                first_segments.append(ex.segments[0][0])
+                texts.extend(text for text, _ in ex.segments[1:])
+                continue
             texts.append(tokenizer.apply_chat_template(ex.messages, tokenize=False))
             for i, msg in enumerate(ex.messages):
-                if msg["role"] == "assistant":
+                if msg["role"] == "assistant" and i >= ex.loss_from:
                     texts.append(
                         tokenizer.apply_chat_template(ex.messages[:i], tokenize=False, add_generation_prompt=True)
                     )
                     texts.append(tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=False))
         # The last assistant turn's rendering usually is the whole conversation: tokenize each text once.
         unique = list(dict.fromkeys(texts))
-        ids_of = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"], strict=True))
+        ids_of = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"], strict=True)) if unique else {}
         encoded = (ids_of[text] for text in texts)
+        firsts = iter(tokenizer(first_segments)["input_ids"] if first_segments else [])
         for ex in chunk:
-            ids = next(encoded)
-            labels = [IGNORE_INDEX] * len(ids)
-            for msg in ex.messages:
-                if msg["role"] != "assistant":
-                    continue
-                before, through = next(encoded), next(encoded)
-                if ids[: len(before)] != before or ids[: len(through)] != through:
-                    raise DataError(
-                        f"sample {ex.sample_id}: the chat template of {tokenizer.name_or_path!r} is not prefix-stable "
-                        "(rendering the conversation up to an assistant turn does not give a prefix of the whole "
-                        "conversation), so assistant tokens cannot be located; use single-turn pairs or another "
-                        "template"
-                    )
-                end = len(through)
-                if eos is not None and eos in through[len(before) :]:
-                    end = len(through) - through[::-1].index(eos)  # just after the turn's last eos
-                labels[len(before) : end] = ids[len(before) : end]
+            if ex.segments:
+                ids, labels = _plain_text(ex, next(firsts), encoded, eos, train_on_prompt)
+            else:
+                ids, labels = _chat_labels(ex, next(encoded), encoded, eos, tokenizer, train_on_prompt)
             ids, labels = ids[:max_length], labels[:max_length]
-            n_response = sum(label != IGNORE_INDEX for label in labels)
+            n_response = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never predicted
             if n_response == 0:
                 dropped["response truncated away"] += 1
                 continue
@@ -378,10 +497,47 @@ def tokenize_rows(
             columns["input_ids"].append(ids)
             columns["labels"].append(labels)
             columns["length"].append(len(ids))
-            columns["response_length"].append(n_response)
+            columns["response_length"].append(sum(label != IGNORE_INDEX for label in labels))
         bar.update(len(chunk))
     bar.close()
     return columns, dict(dropped)
+
+
+def _chat_labels(ex: Example, ids: list[int], encoded: Iterator[list[int]], eos: int | None, tokenizer: Any,
+                 train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """A chat's token ids and labels: its trained assistant turns (each through its eos), or every token."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, msg in enumerate(ex.messages):
+        if msg["role"] != "assistant" or i < ex.loss_from:
+            continue
+        before, through = next(encoded), next(encoded)
+        if ids[: len(before)] != before or ids[: len(through)] != through:
+            raise DataError(
+                f"sample {ex.sample_id}: the chat template of {tokenizer.name_or_path!r} is not prefix-stable "
+                "(rendering the conversation up to an assistant turn does not give a prefix of the whole "
+                "conversation), so assistant tokens cannot be located; use single-turn pairs or another "
+                "template"
+            )
+        end = len(through)
+        if eos is not None and eos in through[len(before) :]:
+            end = len(through) - through[::-1].index(eos)  # just after the turn's last eos
+        labels[len(before) : end] = ids[len(before) : end]
+    return ids, (list(ids) if train_on_prompt else labels)
+
+
+def _plain_text(ex: Example, first: list[int], encoded: Iterator[list[int]], eos: int | None,
+                train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """Plain-text segments, no template: their tokens in order, then eos (labelled, so the model learns to stop)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (_, loss) in enumerate(ex.segments):
+        part = first if k == 0 else next(encoded)
+        ids += part
+        labels += part if (loss or train_on_prompt) else [IGNORE_INDEX] * len(part)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
 
 
 _FEATURES = datasets.Features(
@@ -395,10 +551,15 @@ _FEATURES = datasets.Features(
 )
 
 
-def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) -> SFTData:
-    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate`` (then ``cfg.subset``, if set)."""
-    rows = load_rows(cfg)
-    columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress)
+def build_sft_dataset(
+    cfg: DataConfig, tokenizer: Any, progress: bool = True, log: Callable[[str], None] | None = None
+) -> SFTData:
+    """Load, validate and tokenize ``cfg.source`` into an SFTData ready for ``collate`` (then ``cfg.subset``, if set).
+
+    `log` receives the one line that says which format ``format: auto`` chose (default: standard error).
+    """
+    rows = load_rows(cfg, log=log or _stderr)
+    columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress, cfg.train_on_prompt)
     skipped = Counter(rows.skipped) + Counter(dropped)
     if not columns["sample_id"]:
         raise DataError(
@@ -412,8 +573,13 @@ def build_sft_dataset(cfg: DataConfig, tokenizer: Any, progress: bool = True) ->
         skipped=dict(skipped),
         source=rows.source,
         config=base,
+        format=rows.format,
     )
     return data.select_ids(cfg.subset) if cfg.subset else data
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from qtuning import assets
-from qtuning.config import BUNDLED_MODEL, ModelConfig
+from qtuning.config import BUNDLED_MODEL, ModelConfig, is_template_text
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -34,7 +34,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None:  # saved with the tokenizer by save_final, so the fine-tuned model keeps it
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """`model.chat_template` as a template: the value itself, or the content of the file it names."""
+    return value if is_template_text(value) else Path(value).expanduser().read_text(encoding="utf-8")
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -65,7 +65,25 @@ def test_sharegpt_preset():
     # 17,671 complete conversations; 330 have no non-empty human -> gpt exchange
     assert len(rows) == 17_341
     assert len({r["id"] for r in rows}) == len(rows)
-    assert all(set(r) == {"id", "prompt", "response"} and r["prompt"].strip() and r["response"].strip() for r in rows)
+    for r in rows:  # whole conversations from the first exchange on: human/gpt alternating, non-empty, ending on gpt
+        assert set(r) == {"id", "conversations"}
+        turns = r["conversations"]
+        assert len(turns) % 2 == 0 and all(t["value"].strip() for t in turns)
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    assert sum(len(r["conversations"]) > 2 for r in rows) == 12_916  # multi-turn: trained on every gpt turn
+
+
+def test_sharegpt_preset_reads_as_whole_conversations_or_first_turns():
+    from qtuning.config import DataConfig
+    from qtuning.data import load_rows
+
+    whole = load_rows(DataConfig(source="sharegpt", limit=200))
+    first = load_rows(DataConfig(source="sharegpt", limit=200, first_turn_only=True))
+    assert whole.format == first.format == "sharegpt"
+    assert [e.sample_id for e in whole.examples] == [e.sample_id for e in first.examples]  # same rows, same ids
+    assert all([m["role"] for m in e.messages] == ["user", "assistant"] for e in first.examples)
+    assert all(f.messages == w.messages[:2] for f, w in zip(first.examples, whole.examples))
+    assert any(len(e.messages) > 2 for e in whole.examples)
 
 
 def test_converted_model_answers_sanely():

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from qtuning.config import FULL_DATA, CompareConfig, DataConfig, ExperimentConfig, PruningConfig, TrainingConfig
-from qtuning.pipeline import pruning_plan, static_experiment, static_selection, token_view, write_static_dataset
+from qtuning.planning import pruning_plan, static_experiment, static_selection, token_view, write_ids
 from qtuning.report import comparison_table, eu_plane_figure, eu_triage, format_table, pruned_tokens_html
 
 
@@ -93,7 +93,7 @@ def test_pruning_plan_counts_steps_and_expected_tokens(tmp_path, scores):
     json.dumps(plan)  # plain JSON
 
 
-def test_static_selection_writes_the_kept_rows_that_data_reads_back(tmp_path, tokenizer):
+def test_static_selection_trains_the_same_tokens_narrowed_to_the_kept_ids(tmp_path, tokenizer):
     from qtuning.data import build_sft_dataset
 
     cfg = _cfg(tmp_path)
@@ -104,14 +104,15 @@ def test_static_selection_writes_the_kept_rows_that_data_reads_back(tmp_path, to
     sel = static_selection(table, cfg.pruning)
     kept = list(sel.loc[sel["keep"], "sample_id"])
     assert len(kept) >= round(len(data) * 0.25)
-    n = write_static_dataset(cfg, kept, tmp_path / "static.jsonl")
-    assert n == len(kept)
-    run = static_experiment(cfg, tmp_path / "static.jsonl")
-    assert run.pruning.is_full_data and run.training.micro_batch_size == 2 and run.data.limit is None
+    ids = write_ids(kept, tmp_path / "kept_ids.txt")
+    run = static_experiment(cfg, ids)
+    assert run.pruning.is_full_data and run.training.micro_batch_size == 2 and run.data.subset == str(ids)
+    assert run.data.model_copy(update={"subset": None}) == cfg.data  # the same data set, not a rewritten one
     again = build_sft_dataset(run.data, tokenizer, progress=False).dataset
     assert sorted(again["sample_id"]) == sorted(kept)  # same ids, same tokens
     by_id = dict(zip(data["sample_id"], data["input_ids"]))
     assert all(by_id[s] == ids for s, ids in zip(again["sample_id"], again["input_ids"]))
+    assert static_experiment(cfg, ids, "same").training.micro_batch_size == cfg.training.micro_batch_size
 
 
 def test_token_view_prunes_half_of_each_q2_response(tmp_path, tiny_model, tokenizer):

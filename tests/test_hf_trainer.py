@@ -1,0 +1,156 @@
+"""Q-Tuning as a Trainer plug-in (qtuning.hf_trainer): the engine's decisions and gradient, the Trainer's loop and logs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import TrainerCallback, TrainingArguments
+
+from qtuning.config import DataConfig, PruningConfig
+from qtuning.data import build_sft_dataset, collate
+from qtuning.hf_trainer import QTuningTrainer, collator, experiment_for
+from qtuning.train import learn, select_pool
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def arc_rows(tokenizer):
+    return build_sft_dataset(DataConfig(source="arc", limit=16, max_length=160), tokenizer, progress=False).dataset
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                learning_rate=3e-3, lr_scheduler_type="constant", max_grad_norm=0.0, seed=SEED, report_to=[],
+                use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "pruning",
+    [
+        dict(sample="qtuning", token="qtuning"),
+        dict(sample="qtuning", token="qtuning", token_budget="batch_global", loss_norm="all_tokens"),
+        dict(sample="infobatch", token="random"),  # per-row weights and seeded randomness
+        dict(sample="random", token="ppl", train_on="masked_batch"),
+    ],
+    ids=["qtuning", "batch_global", "infobatch", "masked"],
+)
+def test_plugin_keeps_the_engines_rows_and_tokens_and_gives_its_gradient(tmp_path, tokenizer, tiny_model, arc_rows, pruning):
+    """Same model, same pools, same seed: the Trainer plug-in and qtuning.train make the same decisions, and
+    two accumulated micro-batches give the engine's step gradient (each loss over the whole step's denominator)."""
+    pruning = PruningConfig(**pruning)
+    args = _args(tmp_path, gradient_accumulation_steps=2)
+    trainer = QTuningTrainer(model=copy.deepcopy(tiny_model), args=args, train_dataset=arc_rows,
+                             data_collator=collator(tokenizer.pad_token_id), pruning=pruning)
+    pools = [arc_rows.select(range(0, 8)), arc_rows.select(range(8, 16))]
+    batches = [collator(tokenizer.pad_token_id)(list(p)) for p in pools]
+
+    pruned, denom = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+
+    cfg = experiment_for(pruning, args)
+    engine_model = copy.deepcopy(tiny_model)
+    engine = [
+        select_pool(engine_model, collate(p["input_ids"], p["labels"], tokenizer.pad_token_id), cfg,
+                    torch.Generator().manual_seed(SEED * 1_000_003 + j))
+        for j, p in enumerate(pools)
+    ]
+    for mb, ref in zip(pruned, engine, strict=True):
+        assert torch.equal(mb["labels"], ref.batch.labels)  # same kept rows, same pruned tokens
+        assert torch.equal(mb["input_ids"], ref.batch.input_ids)
+        assert torch.equal(mb["qtuning_weight"], ref.weight)
+    kept = [int(p.sel.keep.sum()) for p in engine]
+    assert all(0 < k < 8 for k in kept)
+    if pruning.train_on == "kept_rows":
+        assert [mb["input_ids"].shape[0] for mb in pruned] == kept  # only kept rows are fed
+    assert float(denom) > 0
+
+    for mb in pruned:
+        trainer.training_step(trainer.model, mb, denom)
+    learn(Accelerator(cpu=True), engine_model, engine, cfg)
+    g_plugin, g_engine = _grads(trainer.model), _grads(engine_model)
+    assert g_plugin.keys() == g_engine.keys()
+    for name in g_plugin:
+        torch.testing.assert_close(g_plugin[name], g_engine[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _Logs(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_trainer_trains_on_kept_rows_and_logs_pruning_metrics(tmp_path, tokenizer, tiny_model, arc_rows):
+    logs = _Logs()
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    trainer = QTuningTrainer(model=tiny_model, args=_args(tmp_path, max_steps=2, gradient_accumulation_steps=1),
+                             train_dataset=arc_rows, data_collator=collator(tokenizer.pad_token_id),
+                             pruning=PruningConfig(sample_ratio=0.25, token_ratio=0.5), callbacks=[logs])
+    trainer.train()
+
+    steps = [entry for entry in logs.logs if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        assert 0.25 <= entry["prune/kept_samples"] < 1  # K = 2 of 8, more only when the quadrants hold more
+        assert 0 < entry["prune/kept_tokens"] < 1
+        assert entry["prune/q2"] + entry["prune/q4"] == pytest.approx(entry["prune/kept_samples"] * 8)
+        assert {"prune/q1", "prune/q3", "prune/alpha", "train/loss_tokens", "time/score_seconds"} <= entry.keys()
+    assert steps[1]["train/loss_tokens"] > steps[0]["train/loss_tokens"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_a_pool_that_keeps_every_row_is_refused_in_trainer_terms(tmp_path):
+    with pytest.raises(ValueError, match="per_device_train_batch_size=2"):
+        experiment_for(PruningConfig(sample_ratio=0.75), _args(tmp_path, per_device_train_batch_size=2))
+    with pytest.raises(ValueError, match="set per_device_train_batch_size=32"):
+        experiment_for(PruningConfig(selection_batch_size=32), _args(tmp_path))
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install 'qtuning[trl]')")
+def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
+    import datasets
+    from trl import SFTConfig
+
+    from qtuning.hf_trainer import QTuningSFTTrainer
+
+    chats = [
+        {"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                      {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}
+        for a in range(4) for b in range(4)
+    ]
+    logs = _Logs()
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, max_steps=2,
+                       learning_rate=3e-3, max_length=64, seed=SEED, report_to=[], use_cpu=True, save_strategy="no",
+                       logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = QTuningSFTTrainer(model=tiny_model, args=config, train_dataset=datasets.Dataset.from_list(chats),
+                                processing_class=copy.deepcopy(tokenizer), pruning=PruningConfig(), callbacks=[logs])
+    trainer.train()
+    steps = [entry for entry in logs.logs if "loss" in entry]
+    assert len(steps) == 2 and all(0.25 <= e["prune/kept_samples"] < 1 and e["prune/kept_tokens"] < 1 for e in steps)
+    assert type(trainer).__mro__[1].__name__ == "QTuningMixin"
+
+    # qtuning's tokenized rows (any data format, labels on assistant tokens only) pass through TRL untouched
+    rows = build_sft_dataset(DataConfig(source="arc", limit=8, max_length=160), tokenizer, progress=False).dataset
+    long = SFTConfig(output_dir=str(tmp_path / "pre"), per_device_train_batch_size=8, max_length=256, report_to=[],
+                     use_cpu=True, dataloader_num_workers=0)
+    pre = QTuningSFTTrainer(model=tiny_model, args=long, train_dataset=rows, processing_class=copy.deepcopy(tokenizer),
+                            pruning=PruningConfig())
+    batch = next(iter(pre.get_train_dataloader()))
+    assert int((batch["labels"] != -100).sum()) == sum(rows["response_length"])
+
+    with pytest.raises(ValueError, match="padding_free"):
+        QTuningSFTTrainer(model=tiny_model, args=SFTConfig(output_dir=str(tmp_path / "pf"), padding_free=True,
+                                                           per_device_train_batch_size=8, report_to=[], use_cpu=True),
+                          train_dataset=datasets.Dataset.from_list(chats), processing_class=copy.deepcopy(tokenizer))
