@@ -29,14 +29,18 @@ def fetch_assets(model: ModelConfig, data: DataConfig, evaluation: EvalConfig | 
 
 
 @lru_cache(maxsize=16)
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, chat_template: str | None, template_mtime: int | None):
     from qtuning.modeling import load_tokenizer
 
-    return load_tokenizer(ModelConfig(name=name))
+    return load_tokenizer(ModelConfig(name=name, chat_template=chat_template))
 
 
 def _tokenizer(model: ModelConfig):
-    return _load_tokenizer(model.name)  # weights init and LoRA do not change the tokenizer
+    """The model's tokenizer with its chat template (a template file is read, so the fingerprint sees its content,
+    again after an edit); weights init and LoRA do not change it."""
+    t = model.chat_template
+    mtime = Path(t).stat().st_mtime_ns if t and Path(t).is_file() else None
+    return _load_tokenizer(model.name, t, mtime)
 
 
 def data_fingerprint(data: DataConfig, model: ModelConfig) -> str:
