@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, EvalConfig, ModelConfig, PipelineConfig
+from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, EvalConfig, ModelConfig, PipelineConfig, is_template_text
 from qtuning.evaluation import TASK_PREFIX
 from tasks.stage import runs_root, stage
 from tasks.records import DataRecord
@@ -39,7 +39,7 @@ def _tokenizer(model: ModelConfig):
     """The model's tokenizer with its chat template (a template file is read, so the fingerprint sees its content,
     again after an edit); weights init and LoRA do not change it."""
     t = model.chat_template
-    mtime = Path(t).stat().st_mtime_ns if t and Path(t).is_file() else None
+    mtime = Path(t).expanduser().stat().st_mtime_ns if t and not is_template_text(t) else None
     return _load_tokenizer(model.name, t, mtime)
 
 
