@@ -69,7 +69,7 @@ def static_selection(scores: pd.DataFrame, pruning: PruningConfig) -> pd.DataFra
     """Triage the whole scored set once at `pruning.sample_ratio`: sample_id, quadrant (geometric, before fill-in),
     filled (added by the fill-in), keep, q2 (kept and counted as Q2)."""
     t = eu_triage(scores, pruning.sample_ratio, pruning.bisect_iters, pruning.bisect_tol)
-    return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "filled": t.filled,
+    return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "filled": t.fill_in,
                          "keep": t.keep, "q2": t.q2})
 
 

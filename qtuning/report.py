@@ -58,10 +58,10 @@ def quadrant_shares(t: Triage) -> dict[str, float]:
         kept=float(t.keep.sum() / n),
         kept_q2=float((t.keep & t.q2).sum() / n),
         kept_q4=float((t.keep & ~t.q2).sum() / n),
-        filled=float(t.filled.sum() / n),
-        filled_from_q1=float((t.filled & (t.quadrant == Q1_NOISE)).sum() / n),
-        filled_from_q3=float((t.filled & (t.quadrant == Q3_MASTERED)).sum() / n),
-        filled_from_none=float((t.filled & (t.quadrant == 0)).sum() / n),
+        filled=float(t.fill_in.sum() / n),
+        filled_from_q1=float((t.fill_in & (t.quadrant == Q1_NOISE)).sum() / n),
+        filled_from_q3=float((t.fill_in & (t.quadrant == Q3_MASTERED)).sum() / n),
+        filled_from_none=float((t.fill_in & (t.quadrant == 0)).sum() / n),
         alpha=float(t.alpha),
     )
     return shares
@@ -109,16 +109,16 @@ def eu_plane_figure(
             if not in_q.any():
                 continue
             name, colour = QUADRANTS[q]
-            kept = in_q & t.keep & ~t.filled
-            rest = in_q & ~kept & ~t.filled
-            n_fill = int((in_q & t.filled).sum())
+            kept = in_q & t.keep & ~t.fill_in
+            rest = in_q & ~kept & ~t.fill_in
+            n_fill = int((in_q & t.fill_in).sum())
             ax.scatter(ppl[rest], ent[rest], s=14, c=colour, alpha=0.55, marker="o",
                        label=f"{name}: {int(in_q.sum())}" + (f" ({int(kept.sum())} kept)" if kept.any() else "")
                        + (f" ({n_fill} filled in)" if n_fill else ""))
             if kept.any():
                 ax.scatter(ppl[kept], ent[kept], s=26, c=colour, edgecolors="black", linewidths=0.7, marker="D")
         for as_q2, role in ((True, Q2_MISCONCEPTION), (False, Q4_CALIBRATION)):
-            fill = t.filled & (t.q2 == as_q2)
+            fill = t.fill_in & (t.q2 == as_q2)
             if fill.any():
                 edges = [QUADRANTS[int(q)][1] for q in t.quadrant[fill]]
                 ax.scatter(ppl[fill], ent[fill], s=90, c=QUADRANTS[role][1], edgecolors=edges, linewidths=1.5, marker="*",
@@ -129,7 +129,7 @@ def eu_plane_figure(
         for y in (th["ent_low"], th["ent_high"]):
             ax.axhline(max(y, 1e-6), color="black", lw=0.8, ls=":")
         title = (f"{title} - keep ratio {ratio:g}, alpha=beta={t.alpha:.3f}, kept {int(t.keep.sum())}/{len(t.keep)}"
-                 + (f" ({t.n_filled} filled in by distance from the diagonal)" if t.n_filled else ""))
+                 + (f" ({t.filled} filled in by distance from the diagonal)" if t.filled else ""))
     # log axes, unless the values span less than a factor of 3 (log ticks then all read the same)
     for values, set_scale in ((ppl, ax.set_xscale), (ent, ax.set_yscale)):
         if len(values) and values.max() / max(values.min(), 1e-12) >= 3:

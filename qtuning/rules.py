@@ -68,15 +68,16 @@ class Selection:
     weight: Tensor  # (b,) float, per-row loss weight (1 but for InfoBatch)
     quadrant: Tensor = field(default=None)  # (b,) int 0..4: geometric quadrant before fill-in; zeros if no triage
     alpha: float = float("nan")
-    filled: Tensor = field(default=None)  # (b,) bool, rows the triage's fill-in added (all False without triage)
+    filled: int = 0  # rows the triage's fill-in added
+    fill_in: Tensor = field(default=None)  # (b,) bool, those rows (all False without triage)
 
     def __post_init__(self):
         import torch
 
         if self.quadrant is None:
             self.quadrant = torch.zeros(len(self.keep), dtype=torch.long)
-        if self.filled is None:
-            self.filled = torch.zeros(len(self.keep), dtype=torch.bool)
+        if self.fill_in is None:
+            self.fill_in = torch.zeros(len(self.keep), dtype=torch.bool)
 
     @classmethod
     def from_mask(cls, keep: Tensor) -> Selection:
@@ -104,7 +105,7 @@ class Selection:
 
         return Selection(
             keep=put(self.keep, False), prune_tokens=put(self.prune_tokens, False), weight=put(self.weight, 0),
-            quadrant=put(self.quadrant, 0), alpha=self.alpha, filled=put(self.filled, False),
+            quadrant=put(self.quadrant, 0), alpha=self.alpha, filled=self.filled, fill_in=put(self.fill_in, False),
         )
 
 
@@ -252,7 +253,8 @@ def _qtuning(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Gener
         weight=keep.float(),
         quadrant=torch.from_numpy(t.quadrant),
         alpha=t.alpha,
-        filled=torch.from_numpy(t.filled),
+        filled=t.filled,
+        fill_in=torch.from_numpy(t.fill_in),
     )
 
 

@@ -426,8 +426,8 @@ def _pool_counts(pools: list[Pruned]) -> list[float]:
         rows.append([
             s.keep.numel(), n(s.keep), p.response_tokens, p.real_tokens,
             *(n(s.quadrant == q) for q in (1, 2, 3, 4)),
-            n(s.filled), n(s.filled & (s.quadrant == 1)), n(s.filled & (s.quadrant == 3)), n(s.filled & (s.quadrant == 0)),
-            n(s.filled & s.prune_tokens), p.excluded, p.budget_tokens or 0,
+            n(s.fill_in), n(s.fill_in & (s.quadrant == 1)), n(s.fill_in & (s.quadrant == 3)), n(s.fill_in & (s.quadrant == 0)),
+            n(s.fill_in & s.prune_tokens), p.excluded, p.budget_tokens or 0,
         ])
     return [float(sum(col)) for col in zip(*rows)] if rows else [0.0] * len(POOL_COUNTS)
 

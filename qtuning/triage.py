@@ -28,12 +28,8 @@ class Triage:
     q2: np.ndarray  # (b,) bool, kept rows whose tokens are pruned (Q2 and Q2-like fill-ins)
     quadrant: np.ndarray  # (b,) int, 1..4 or 0: the geometric quadrant at the final thresholds, before fill-in
     alpha: float  # alpha = beta reached by the bisection
-    filled: np.ndarray  # (b,) bool, rows added by the fill-in rule (their `quadrant` says where they came from)
-
-    @property
-    def n_filled(self) -> int:
-        """Rows added by the fill-in rule."""
-        return int(self.filled.sum())
+    filled: int  # rows added by the fill-in rule
+    fill_in: np.ndarray  # (b,) bool, those rows (their `quadrant` says where they lie, `q2` what they count as)
 
     @property
     def role(self) -> np.ndarray:
@@ -78,7 +74,7 @@ def triage(ppl, ent, ratio: float, *, iters: int = 10, tol: float = 0.01) -> Tri
     keep = q2 | q4
     q2_rows = q2.copy()
     k = keep_count(b, ratio)
-    filled = np.zeros(b, dtype=bool)
+    fill_in = np.zeros(b, dtype=bool)
     if keep.sum() < k:
         ppl_n = _minmax(ppl)
         ent_n = _minmax(ent)
@@ -86,9 +82,9 @@ def triage(ppl, ent, ratio: float, *, iters: int = 10, tol: float = 0.01) -> Tri
         gap[keep] = -np.inf
         order = np.argsort(-gap, kind="stable")
         for i in order[: k - keep.sum()]:
-            keep[i] = filled[i] = True
+            keep[i] = fill_in[i] = True
             q2_rows[i] = ppl_n[i] >= ent_n[i]  # counts as Q2 (token-pruned), else as Q4 (kept whole)
-    return Triage(keep=keep, q2=q2_rows, quadrant=quadrant, alpha=float(alpha), filled=filled)
+    return Triage(keep=keep, q2=q2_rows, quadrant=quadrant, alpha=float(alpha), filled=int(fill_in.sum()), fill_in=fill_in)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
