@@ -276,13 +276,17 @@ def noise_notes(table: pd.DataFrame) -> list[str]:
     items = {b: int(pruned[f"{b}_items"].max()) for b in benches if f"{b}_items" in pruned}
     sizes = sorted(set(items.values()))
     per = f"{sizes[0]} items per benchmark" if len(sizes) == 1 else "items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items())
-    half_b = max(((pruned[f"{b}_diff_hi"] - pruned[f"{b}_diff_lo"]) / 2).max() for b in benches) if benches else math.nan
-    half_a = float(((pruned["diff_hi"] - pruned["diff_lo"]) / 2).max())
+    # the widest interval seen, but never less than one item's worth (arms that agree on every item give a
+    # zero-width interval, which says nothing about what a few more items would do)
+    one_item = 100.0 / min(items.values()) if items else math.nan
+    half_b = max([one_item] + [((pruned[f"{b}_diff_hi"] - pruned[f"{b}_diff_lo"]) / 2).max() for b in benches])
+    half_a = max(one_item / max(len(benches), 1), float(((pruned["diff_hi"] - pruned["diff_lo"]) / 2).max()))
     n_res = table.attrs.get("n_resamples", BOOTSTRAP_RESAMPLES)
     notes = [
         f"Differences to {base}: paired bootstrap over the same items ({n_res} resamples, {BOOTSTRAP_LEVEL:.0%} "
         "interval); * marks an interval that excludes 0.",
-        f"{per}: differences under ±{half_b:.1f} points on a benchmark, or ±{half_a:.1f} on the average, are noise.",
+        f"{per} (one item = {one_item:.1f} points): differences under ±{half_b:.1f} points on a benchmark, or "
+        f"±{half_a:.1f} on the average, are noise.",
     ]
     if not pruned["outside_noise"].any():
         notes.append(f"No arm's average differs from {base} beyond the noise: the items are too few to separate the arms.")
