@@ -161,7 +161,9 @@ def paired_bootstrap(
     unweighted mean of the benchmarks, as the table's average.
 
     Returns one row per benchmark, then `average`: diff (the mean paired difference x 100, exact), lo and hi
-    (the percentile interval at `level`), n_items (pairs), outside_noise (the interval excludes 0).
+    (the percentile interval at `level`), n_items (pairs), outside_noise (the interval excludes 0 and the
+    difference is more than one item's worth: with a single item the bootstrap interval has no width, and
+    one item is never a finding).
     """
     cols = ["task", "doc_id", "correct"]
     pairs = pd.merge(_items(arm)[cols], _items(base)[cols], on=["task", "doc_id"], suffixes=("_arm", "_base"))
@@ -182,7 +184,11 @@ def paired_bootstrap(
                  "lo": float(np.percentile(avg, tail)), "hi": float(np.percentile(avg, 100 - tail)),
                  "n_items": int(sum(r["n_items"] for r in rows))})
     out = pd.DataFrame(rows).set_index("benchmark")
-    out["outside_noise"] = (out["lo"] > 0) | (out["hi"] < 0)
+    # one item's worth of each row: on a benchmark 100 / n, on the average the largest 100 / (B n_b)
+    one_item = {r["benchmark"]: 100.0 / r["n_items"] for r in rows[:-1]}
+    one_item["average"] = max(v / len(benches) for v in one_item.values())
+    excludes_zero = (out["lo"] > 0) | (out["hi"] < 0)
+    out["outside_noise"] = excludes_zero & (out["diff"].abs() > pd.Series(one_item) + 1e-9)
     order = [b for b in BENCHMARKS if b in benches] + [b for b in benches if b not in BENCHMARKS] + ["average"]
     return out.loc[order]
 
@@ -275,7 +281,7 @@ def noise_notes(table: pd.DataFrame) -> list[str]:
         return []
     items = {b: int(pruned[f"{b}_items"].max()) for b in benches if f"{b}_items" in pruned}
     sizes = sorted(set(items.values()))
-    per = f"{sizes[0]} items per benchmark" if len(sizes) == 1 else "items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items())
+    per = f"{sizes[0]} item{'s' if sizes[0] != 1 else ''} per benchmark" if len(sizes) == 1 else "items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items())
     # the widest interval seen, but never less than one item's worth (arms that agree on every item give a
     # zero-width interval, which says nothing about what a few more items would do)
     one_item = 100.0 / min(items.values()) if items else math.nan

@@ -162,6 +162,9 @@ def test_bootstrap_of_an_arm_right_where_the_other_is_wrong_excludes_zero_with_t
     up, down = paired_bootstrap(right, wrong), paired_bootstrap(wrong, right)
     assert (up["diff"] == 100).all() and (up["lo"] > 0).all() and up["outside_noise"].all()
     assert (down["diff"] == -100).all() and (down["hi"] < 0).all() and down["outside_noise"].all()
+    # one item per benchmark: the interval has no width, but one item is not a finding
+    single = paired_bootstrap(_items({"arc_easy": [1]}), _items({"arc_easy": [0]}))
+    assert single.at["arc_easy", "lo"] == 100 and not single["outside_noise"].any()
 
 
 def test_bootstrap_mean_difference_is_exact_and_paired_on_items_and_seeded():
