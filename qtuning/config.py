@@ -197,11 +197,27 @@ class PruningConfig(_Frozen):
     token_budget: Literal["per_sample", "batch_global"] = Field(
         "per_sample",
         description="per_sample: each pruned row keeps ceil(r_t*T) response tokens (paper); batch_global: the pool keeps "
-        "round(N*r_s*r_t) of its N non-pad tokens (official code).",
+        "round(N*r_s*r_t) of its N non-pad tokens (official code), by one top-k over the pool's candidate tokens; "
+        "any sample rule. At token_ratio 1.0 no token is pruned under either.",
+    )
+    budget: Literal["own", "equal_tokens"] = Field(
+        "own",
+        description="own: each rule spends r_s and r_t its own way (baselines token-prune every kept row, Q-Tuning "
+        "only Q2 rows and keeps Q4 whole, so at the same ratios they train different token counts); equal_tokens: "
+        "every pool trains as many loss tokens as Q-Tuning (rules qtuning/qtuning, same r_s, r_t, lam, "
+        "token_budget) would train on it, the token rule dropping the surplus of the kept rows by one top-k over "
+        "the pool (fewer only when the kept rows hold fewer). Needs the scoring forward. The comparison table "
+        "names the budget of each arm.",
+    )
+    on_nonfinite: Literal["error", "exclude"] = Field(
+        "error",
+        description="A sample whose PPL or Ent is NaN or infinite: error stops the run naming the sample ids; exclude "
+        "leaves it out of its pool's triage (never trains) and counts it in prune/nonfinite.",
     )
     loss_norm: Literal["response", "all_tokens"] = Field(
         "response",
-        description="Loss denominator: kept response tokens (default) or all non-pad positions of kept rows (official code).",
+        description="Loss denominator: kept response tokens (default) or all non-pad positions of kept rows less "
+        "their pruned response tokens (official code).",
     )
     selection_batch_size: int | None = Field(
         None,
@@ -230,8 +246,11 @@ class PruningConfig(_Frozen):
                 f"pruning.token_ratio={self.token_ratio} has no effect with pruning.token: all; "
                 "set pruning.token_ratio: 1.0 or choose a token rule"
             )
-        if self.token_budget == "batch_global" and self.sample != "qtuning":
-            problems.append("pruning.token_budget: batch_global is defined for pruning.sample: qtuning only; use per_sample")
+        if self.budget == "equal_tokens" and self.token == "all":
+            problems.append(
+                "pruning.budget: equal_tokens meets Q-Tuning's loss-token count by token pruning, which pruning.token: "
+                "all does not do; choose a token rule (e.g. random) or set pruning.budget: own"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -242,8 +261,9 @@ class PruningConfig(_Frozen):
 
     @property
     def needs_scores(self) -> bool:
-        """True when either rule needs the no-grad scoring forward (the registry says which do)."""
-        return SAMPLE_RULES[self.sample].needs_scores or TOKEN_RULES[self.token].needs_scores
+        """True when either rule needs the no-grad scoring forward (the registry says which do), or the equal_tokens
+        budget, which triages every pool on the EU plane to know Q-Tuning's count."""
+        return SAMPLE_RULES[self.sample].needs_scores or TOKEN_RULES[self.token].needs_scores or self.budget == "equal_tokens"
 
 
 class TrainingConfig(_Frozen):

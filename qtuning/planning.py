@@ -19,7 +19,7 @@ import pandas as pd
 from qtuning.config import FULL_DATA, SCORE_CHUNK_TOKENS, ExperimentConfig, PruningConfig
 from qtuning.pruning import prune_tokens
 from qtuning.rules import Selection
-from qtuning.triage import Q2_MISCONCEPTION, keep_count
+from qtuning.triage import keep_count
 from qtuning.report import eu_thresholds, eu_triage, quadrant_shares
 
 
@@ -37,6 +37,7 @@ def pruning_plan(cfg: ExperimentConfig, scores: pd.DataFrame | None, mode: str =
         "token_ratio": p.token_ratio,
         "lam": p.lam,
         "token_budget": p.token_budget,
+        "budget": p.budget,
         "pool_size": cfg.pool_size,
         "kept_per_pool": cfg.pool_size if p.sample == "all" else keep_count(cfg.pool_size, p.sample_ratio),
         "train_on": p.train_on,
@@ -52,9 +53,9 @@ def pruning_plan(cfg: ExperimentConfig, scores: pd.DataFrame | None, mode: str =
         plan["base_model_thresholds"] = eu_thresholds(scores, t.alpha)
         # loss tokens a pruned arm keeps of the response tokens, if every pool looked like the whole set
         resp = scores["response_length"].to_numpy(dtype=float)
-        kept_q2 = t.keep & (t.quadrant == Q2_MISCONCEPTION)
+        kept_q2 = t.keep & t.q2  # token-pruned rows, fill-ins that count as Q2 included
         kept_tokens = np.ceil(p.token_ratio * resp[kept_q2] - 1e-9).sum() + resp[t.keep & ~kept_q2].sum()
-        if p.token == "all":
+        if p.token == "all" or p.token_ratio >= 1.0:
             kept_tokens = resp[t.keep].sum()
         plan["expected_loss_token_share"] = float(kept_tokens / max(resp.sum(), 1.0))
     return plan
@@ -62,9 +63,11 @@ def pruning_plan(cfg: ExperimentConfig, scores: pd.DataFrame | None, mode: str =
 
 # --------------------------------------------------------------------------- static pruning
 def static_selection(scores: pd.DataFrame, pruning: PruningConfig) -> pd.DataFrame:
-    """Triage the whole scored set once at `pruning.sample_ratio`: sample_id, quadrant, keep, q2."""
+    """Triage the whole scored set once at `pruning.sample_ratio`: sample_id, quadrant (geometric, before fill-in),
+    filled (added by the fill-in), keep, q2 (kept and counted as Q2)."""
     t = eu_triage(scores, pruning.sample_ratio, pruning.bisect_iters, pruning.bisect_tol)
-    return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "keep": t.keep, "q2": t.q2})
+    return pd.DataFrame({"sample_id": scores["sample_id"].to_numpy(), "quadrant": t.quadrant, "filled": t.fill_in,
+                         "keep": t.keep, "q2": t.q2})
 
 
 def write_ids(sample_ids: list[str], path: Path) -> Path:
@@ -118,7 +121,7 @@ def token_view(
     t = eu_triage(scores, pruning.sample_ratio, pruning.bisect_iters, pruning.bisect_tol) if pruning.sample == "qtuning" else None
     if t is not None:
         candidates = scores["sample_id"].to_numpy()[t.q2]
-        quadrant = dict(zip(scores["sample_id"], t.quadrant))
+        quadrant = dict(zip(scores["sample_id"], t.role))  # as treated: a fill-in shows as the Q2 it counts as
     else:
         candidates, quadrant = scores["sample_id"].to_numpy(), {}
     picked = [sid for sid in candidates if sid in order][:n_samples]

@@ -5,8 +5,10 @@ else can call them on a scores table or a list of arm results.
 
 - `eu_plane_figure(scores, ratio)`: PPL x Ent on log axes, the quadrant thresholds that triage at `ratio`
   gives on the whole set, points coloured by quadrant; returns the figure and the quadrant shares.
-- `comparison_table(arms)` / `format_table(table)`: per arm the benchmarks, their average, the ratio of the
-  average to full-data SFT, the tokens that carried loss and the training wall time.
+- `comparison_table(arms)` / `format_table(table)`: per arm the benchmarks (with lm-eval's standard error),
+  their average, the ratio of the average to full-data SFT, the tokens that carried loss and the training wall
+  time; with per-item results, each arm's paired-bootstrap difference to full data (`paired_bootstrap`) and
+  plain notes on what the item counts can separate.
 - `pruned_tokens_html(samples)`: prompt, kept and pruned response tokens of a few samples, readable in a
   browser (and in MLflow's artifact viewer).
 - `sweep_table(rows)` / `format_sweep_table(table)` / `sweep_figure(table)`: a sweep's arms with the mean and
@@ -42,15 +44,24 @@ def eu_triage(scores: pd.DataFrame, ratio: float, iters: int = 10, tol: float = 
 
 
 def quadrant_shares(t: Triage) -> dict[str, float]:
-    """Share of rows per quadrant (fill-ins counted where they count), kept share, fill-ins, alpha = beta reached."""
+    """Shares of the rows: where the triage's final thresholds put them, and what it kept.
+
+    q1..q4, none: geometric quadrants at the final thresholds, before fill-in (they sum to 1);
+    kept: kept rows; kept_q2 / kept_q4: kept rows treated as Q2 (token-pruned) / as Q4 (trained whole),
+    fill-ins included; filled: rows the fill-in added, and filled_from_q1 / filled_from_q3 / filled_from_none
+    by the quadrant they lie in (a fill-in never lies in Q2 or Q4: those are kept already); alpha = beta reached.
+    """
     n = len(t.keep)
     shares = {f"q{q}": float((t.quadrant == q).sum() / n) for q in (1, 2, 3, 4)}
     shares.update(
         none=float((t.quadrant == 0).sum() / n),
         kept=float(t.keep.sum() / n),
-        kept_q2=float((t.keep & (t.quadrant == Q2_MISCONCEPTION)).sum() / n),
-        kept_q4=float((t.keep & (t.quadrant == Q4_CALIBRATION)).sum() / n),
-        filled=float(t.filled / n),
+        kept_q2=float((t.keep & t.q2).sum() / n),
+        kept_q4=float((t.keep & ~t.q2).sum() / n),
+        filled=float(t.fill_in.sum() / n),
+        filled_from_q1=float((t.fill_in & (t.quadrant == Q1_NOISE)).sum() / n),
+        filled_from_q3=float((t.fill_in & (t.quadrant == Q3_MASTERED)).sum() / n),
+        filled_from_none=float((t.fill_in & (t.quadrant == 0)).sum() / n),
         alpha=float(t.alpha),
     )
     return shares
@@ -71,6 +82,10 @@ def eu_plane_figure(
     scores: pd.DataFrame, ratio: float | None = None, title: str = "EU plane", iters: int = 10, tol: float = 0.01
 ):
     """Scatter of sample PPL (x) against mean entropy (y), log axes; with `ratio`, coloured by quadrant.
+
+    Colours are the geometric quadrants at the final thresholds (before fill-in); rows the quadrants keep are
+    diamonds; rows the fill-in added are stars, filled with the colour of what they count as (Q2 or Q4) and
+    edged with the colour of the quadrant they lie in, with their own legend entries.
 
     Returns (matplotlib Figure, shares): shares is `quadrant_shares` of the triage at `ratio`, or {} when
     `ratio` is None (full data: every row trains, no thresholds drawn).
@@ -94,11 +109,20 @@ def eu_plane_figure(
             if not in_q.any():
                 continue
             name, colour = QUADRANTS[q]
-            kept = in_q & t.keep
-            ax.scatter(ppl[in_q & ~t.keep], ent[in_q & ~t.keep], s=14, c=colour, alpha=0.55, marker="o",
-                       label=f"{name}: {int(in_q.sum())}" + (f" ({int(kept.sum())} kept)" if kept.any() else ""))
+            kept = in_q & t.keep & ~t.fill_in
+            rest = in_q & ~kept & ~t.fill_in
+            n_fill = int((in_q & t.fill_in).sum())
+            ax.scatter(ppl[rest], ent[rest], s=14, c=colour, alpha=0.55, marker="o",
+                       label=f"{name}: {int(in_q.sum())}" + (f" ({int(kept.sum())} kept)" if kept.any() else "")
+                       + (f" ({n_fill} filled in)" if n_fill else ""))
             if kept.any():
                 ax.scatter(ppl[kept], ent[kept], s=26, c=colour, edgecolors="black", linewidths=0.7, marker="D")
+        for as_q2, role in ((True, Q2_MISCONCEPTION), (False, Q4_CALIBRATION)):
+            fill = t.fill_in & (t.q2 == as_q2)
+            if fill.any():
+                edges = [QUADRANTS[int(q)][1] for q in t.quadrant[fill]]
+                ax.scatter(ppl[fill], ent[fill], s=90, c=QUADRANTS[role][1], edgecolors=edges, linewidths=1.5, marker="*",
+                           label=f"filled in as {QUADRANTS[role][0].split()[0]}: {int(fill.sum())} (edge: where it lies)")
         th = eu_thresholds(scores, t.alpha)
         for x in (th["ppl_low"], th["ppl_high"]):
             ax.axvline(x, color="black", lw=0.8, ls="--")
@@ -119,13 +143,77 @@ def eu_plane_figure(
     return fig, shares
 
 
+# --------------------------------------------------------------------------- differences with their noise
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def paired_bootstrap(
+    arm: pd.DataFrame, base: pd.DataFrame, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+    level: float = BOOTSTRAP_LEVEL,
+) -> pd.DataFrame:
+    """Paired bootstrap of `arm` minus `base`, in points, per benchmark and on their average.
+
+    `arm`, `base`: one row per evaluated item with columns task, doc_id, correct (0/1, or a score in [0, 1]),
+    as each evaluation's samples.jsonl holds them. Items are paired on (task, doc_id); an item only one side
+    scored is left out. Each resample draws every benchmark's items with replacement, the same draw for both
+    arms, independently per benchmark (seeded: the same inputs give the same intervals). The average is the
+    unweighted mean of the benchmarks, as the table's average.
+
+    Returns one row per benchmark, then `average`: diff (the mean paired difference x 100, exact), lo and hi
+    (the percentile interval at `level`), n_items (pairs), outside_noise (the interval excludes 0 and the
+    difference is more than one item's worth: with a single item the bootstrap interval has no width, and
+    one item is never a finding).
+    """
+    cols = ["task", "doc_id", "correct"]
+    pairs = pd.merge(_items(arm)[cols], _items(base)[cols], on=["task", "doc_id"], suffixes=("_arm", "_base"))
+    if pairs.empty:
+        raise ValueError("paired_bootstrap: the two arms share no evaluated item (task, doc_id)")
+    rng = np.random.default_rng(seed)
+    tail = (1 - level) / 2 * 100
+    rows, draws = [], []
+    for task, g in pairs.groupby("task", sort=False):
+        d = (g["correct_arm"].to_numpy(float) - g["correct_base"].to_numpy(float)) * 100  # (n,) points
+        means = d[rng.integers(0, len(d), size=(n_resamples, len(d)))].mean(1)  # (R,)
+        draws.append(means)
+        rows.append({"benchmark": task, "diff": float(d.mean()), "lo": float(np.percentile(means, tail)),
+                     "hi": float(np.percentile(means, 100 - tail)), "n_items": len(d)})
+    benches = [r["benchmark"] for r in rows]
+    avg = np.mean(draws, axis=0)  # (R,) the average over benchmarks of each resample
+    rows.append({"benchmark": "average", "diff": float(np.mean([r["diff"] for r in rows])),
+                 "lo": float(np.percentile(avg, tail)), "hi": float(np.percentile(avg, 100 - tail)),
+                 "n_items": int(sum(r["n_items"] for r in rows))})
+    out = pd.DataFrame(rows).set_index("benchmark")
+    # one item's worth of each row: on a benchmark 100 / n, on the average the largest 100 / (B n_b)
+    one_item = {r["benchmark"]: 100.0 / r["n_items"] for r in rows[:-1]}
+    one_item["average"] = max(v / len(benches) for v in one_item.values())
+    excludes_zero = (out["lo"] > 0) | (out["hi"] < 0)
+    out["outside_noise"] = excludes_zero & (out["diff"].abs() > pd.Series(one_item) + 1e-9)
+    order = [b for b in BENCHMARKS if b in benches] + [b for b in benches if b not in BENCHMARKS] + ["average"]
+    return out.loc[order]
+
+
+def _items(samples: Any) -> pd.DataFrame:
+    """Per-item correctness as a frame (from a frame or a list of rows); items without a verdict are dropped."""
+    df = samples if isinstance(samples, pd.DataFrame) else pd.DataFrame(list(samples))
+    df = df.dropna(subset=["correct"]).copy()
+    df["correct"] = df["correct"].astype(float)
+    return df
+
+
 # --------------------------------------------------------------------------- the comparison table
-def comparison_table(arms: Sequence[Mapping[str, Any]], baseline: str | None = None) -> pd.DataFrame:
+def comparison_table(
+    arms: Sequence[Mapping[str, Any]], baseline: str | None = None, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+) -> pd.DataFrame:
     """One row per arm: benchmark scores (percent), average, ratio_to_full, loss_tokens, loop_seconds.
 
     Each arm is a mapping with `name`, `scores` ({benchmark: percent}), `average`, `loss_tokens` and
     `loop_seconds`. `baseline` names the full-data arm (default: the arm named 'full', else the first);
-    ratio_to_full = average / the baseline's average.
+    ratio_to_full = average / the baseline's average. Optional, and added as columns when an arm has them:
+    `budget` (the arm's pruning.budget: a `budget` column), `stderr` ({benchmark: lm-eval's standard error,
+    points}: `<benchmark>_stderr` columns) and `samples` (per-item correctness, see `paired_bootstrap`): when
+    the baseline and an arm both have them, `<benchmark>_diff/_lo/_hi` and `diff/diff_lo/diff_hi` (the
+    average) and `outside_noise`, the paired bootstrap of the arm minus the baseline, and `items` per benchmark.
     """
     names = [a["name"] for a in arms]
     if baseline is None:
@@ -134,25 +222,104 @@ def comparison_table(arms: Sequence[Mapping[str, Any]], baseline: str | None = N
         raise ValueError(f"baseline arm {baseline!r} is not among the arms {names}")
     benches = [b for b in BENCHMARKS if any(b in a["scores"] for a in arms)]
     benches += sorted({b for a in arms for b in a["scores"]} - set(benches))
-    base_avg = next(float(a["average"]) for a in arms if a["name"] == baseline)
+    base = next(a for a in arms if a["name"] == baseline)
+    base_avg = float(base["average"])
+    with_budget = any(a.get("budget") for a in arms)
+    with_stderr = any(a.get("stderr") for a in arms)
+    base_samples = base.get("samples")
     rows = []
     for a in arms:
         row: dict[str, Any] = {"arm": a["name"]}
+        if with_budget:
+            row["budget"] = a.get("budget") or "-"
         row.update({b: float(a["scores"].get(b, math.nan)) for b in benches})
+        if with_stderr:
+            row.update({f"{b}_stderr": float((a.get("stderr") or {}).get(b, math.nan)) for b in benches})
         avg = float(a["average"])
         row["average"] = avg
+        if with_stderr:  # the benchmarks' errors, independent, through the unweighted mean
+            se = [row[f"{b}_stderr"] for b in benches if b in a["scores"]]
+            row["average_stderr"] = math.sqrt(sum(x * x for x in se)) / len(se) if se else math.nan
         row["ratio_to_full"] = avg / base_avg if base_avg else math.nan
         row["loss_tokens"] = int(a.get("loss_tokens") or 0)
         row["loop_seconds"] = float(a.get("loop_seconds") or 0.0)
+        if base_samples is not None and a.get("samples") is not None and a["name"] != baseline:
+            boot = paired_bootstrap(a["samples"], base_samples, n_resamples=n_resamples, seed=seed)
+            for b, r in boot.iterrows():
+                prefix = "" if b == "average" else f"{b}_"
+                row.update({f"{prefix}diff": r["diff"], f"{prefix}diff_lo": r["lo"], f"{prefix}diff_hi": r["hi"]})
+                if b != "average":
+                    row[f"{b}_items"] = int(r["n_items"])
+            row["outside_noise"] = bool(boot.at["average", "outside_noise"])
         rows.append(row)
-    return pd.DataFrame(rows).set_index("arm")
+    table = pd.DataFrame(rows).set_index("arm")
+    table.attrs.update(baseline=baseline, benchmarks=benches, n_resamples=n_resamples)
+    return table
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.2f}"
+
+
+def _interval(table: pd.DataFrame, arm: Any, prefix: str) -> str:
+    """'+1.25 [-3.00, +5.50]*' (the * when the interval excludes 0), or '' where the arm has none."""
+    d = table.at[arm, f"{prefix}diff"]
+    if isinstance(d, float) and math.isnan(d):
+        return ""
+    lo, hi = table.at[arm, f"{prefix}diff_lo"], table.at[arm, f"{prefix}diff_hi"]
+    return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + ("*" if lo > 0 or hi < 0 else "")
+
+
+def noise_notes(table: pd.DataFrame) -> list[str]:
+    """Plain sentences on what the table can and cannot tell apart (empty without paired differences)."""
+    if "diff" not in table.columns:
+        return []
+    base = table.attrs.get("baseline", "the baseline")
+    benches = [b for b in table.attrs.get("benchmarks", []) if f"{b}_diff" in table.columns]
+    pruned = table[table["diff"].notna()]
+    if pruned.empty:
+        return []
+    items = {b: int(pruned[f"{b}_items"].max()) for b in benches if f"{b}_items" in pruned}
+    sizes = sorted(set(items.values()))
+    per = f"{sizes[0]} item{'s' if sizes[0] != 1 else ''} per benchmark" if len(sizes) == 1 else "items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items())
+    # the widest interval seen, but never less than one item's worth (arms that agree on every item give a
+    # zero-width interval, which says nothing about what a few more items would do)
+    one_item = 100.0 / min(items.values()) if items else math.nan
+    half_b = max([one_item] + [((pruned[f"{b}_diff_hi"] - pruned[f"{b}_diff_lo"]) / 2).max() for b in benches])
+    half_a = max(one_item / max(len(benches), 1), float(((pruned["diff_hi"] - pruned["diff_lo"]) / 2).max()))
+    n_res = table.attrs.get("n_resamples", BOOTSTRAP_RESAMPLES)
+    notes = [
+        f"Differences to {base}: paired bootstrap over the same items ({n_res} resamples, {BOOTSTRAP_LEVEL:.0%} "
+        "interval); * marks an interval that excludes 0.",
+        f"{per} (one item = {one_item:.1f} points): differences under ±{half_b:.1f} points on a benchmark, or "
+        f"±{half_a:.1f} on the average, are noise.",
+    ]
+    if not pruned["outside_noise"].any():
+        notes.append(f"No arm's average differs from {base} beyond the noise: the items are too few to separate the arms.")
+    if any(c.endswith("_stderr") for c in table.columns):
+        notes.append("± after a score: lm-eval's standard error of that score.")
+    return notes
 
 
 def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
-    """The table as aligned text (terminal) or as a Markdown table (README, MLflow)."""
-    cols = list(table.columns)
+    """The table as aligned text (terminal) or as a Markdown table (README, MLflow).
 
-    def cell(col: str, v: Any) -> str:
+    A score with its standard error reads '52.00 ± 3.10'; with paired differences, the average's difference
+    to the baseline and its interval follow the average, the per-benchmark differences come in a second
+    table, and `noise_notes` end the text.
+    """
+    benches = table.attrs.get("benchmarks") or [c for c in table.columns if c in BENCHMARKS]
+    shown = [c for c in table.columns if not c.endswith(("_stderr", "_diff", "_diff_lo", "_diff_hi", "_items"))
+             and c not in ("diff", "diff_lo", "diff_hi", "outside_noise")]
+    has_diff = "diff" in table.columns
+    cols = list(shown)
+    if has_diff:
+        cols.insert(cols.index("average") + 1, "diff_average")
+
+    def cell(arm: Any, col: str) -> str:
+        if col == "diff_average":
+            return _interval(table, arm, "") or "-"
+        v = table.at[arm, col]
         if isinstance(v, float) and math.isnan(v):
             return "-"
         if col == "ratio_to_full":
@@ -161,12 +328,27 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
             return f"{int(v):,}"
         if col == "loop_seconds":
             return f"{v:.1f}"
+        se = table.at[arm, f"{col}_stderr"] if f"{col}_stderr" in table.columns else math.nan
+        if isinstance(v, float) and not math.isnan(se):
+            return f"{v:.2f} ± {se:.2f}"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    header = ["arm", *cols]
-    body = [[str(arm), *(cell(c, table.at[arm, c]) for c in cols)] for arm in table.index]
+    header = ["arm", *(f"average - {table.attrs.get('baseline', 'full')} [95%]" if c == "diff_average" else c for c in cols)]
+    body = [[str(arm), *(cell(arm, c) for c in cols)] for arm in table.index]
+    blocks = [_render(header, body, markdown)]
+    if has_diff and benches:
+        diff_rows = [[str(arm), *(_interval(table, arm, f"{b}_") or "-" for b in benches)]
+                     for arm in table.index if not math.isnan(table.at[arm, "diff"])]
+        blocks.append(_render([f"arm - {table.attrs.get('baseline', 'full')}", *benches], diff_rows, markdown))
+    notes = noise_notes(table)
+    if notes:
+        blocks.append("\n".join(("- " if markdown else "") + n for n in notes))
+    return "\n\n".join(blocks)
+
+
+def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(cols)) + "|"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]

@@ -4,8 +4,9 @@ This registry is the only list of rule names: `qtuning.config` builds its `pruni
 `pruning.token` choices from it, and `PruningConfig.needs_scores` reads each rule's `needs_scores`.
 Sample and token rules compose freely, like the rows of the paper's tables; Q-Tuning is the pair
 (qtuning, qtuning). Every sample rule keeps K = max(1, round(b * r_s)) rows of a pool of b (the quadrant
-triage may keep a few more, as the spec says), so every method gets its budget once, on the same pools
-and the same number of optimizer steps.
+triage may keep a few more, as the spec says; published InfoBatch keeps a random number), so every method
+gets its budget once, on the same pools and the same number of optimizer steps. With `pruning.budget:
+equal_tokens` the token stage also gives every rule the loss tokens Q-Tuning would train (qtuning.pruning).
 
 Adding a rule is one function:
 
@@ -52,6 +53,11 @@ class PoolStats:
     def size(self) -> int:
         return len(self.lengths)
 
+    def subset(self, rows: Tensor) -> PoolStats:
+        """The stats of the rows in `rows` (bool (b,)), in pool order."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return PoolStats(self.lengths[rows], self.response_lengths[rows], pick(self.ppl), pick(self.ent))
+
 
 @dataclass
 class Selection:
@@ -60,15 +66,18 @@ class Selection:
     keep: Tensor  # (b,) bool
     prune_tokens: Tensor  # (b,) bool, rows the token rule may prune
     weight: Tensor  # (b,) float, per-row loss weight (1 but for InfoBatch)
-    quadrant: Tensor = field(default=None)  # (b,) int 0..4, zeros when the rule does not triage
+    quadrant: Tensor = field(default=None)  # (b,) int 0..4: geometric quadrant before fill-in; zeros if no triage
     alpha: float = float("nan")
-    filled: int = 0
+    filled: int = 0  # rows the triage's fill-in added
+    fill_in: Tensor = field(default=None)  # (b,) bool, those rows (all False without triage)
 
     def __post_init__(self):
         import torch
 
         if self.quadrant is None:
             self.quadrant = torch.zeros(len(self.keep), dtype=torch.long)
+        if self.fill_in is None:
+            self.fill_in = torch.zeros(len(self.keep), dtype=torch.bool)
 
     @classmethod
     def from_mask(cls, keep: Tensor) -> Selection:
@@ -84,6 +93,20 @@ class Selection:
         keep = torch.zeros(len(score), dtype=torch.bool)
         keep[torch.argsort(score, descending=True, stable=True)[:k]] = True
         return cls.from_mask(keep)
+
+    def scatter(self, rows: Tensor, size: int) -> Selection:
+        """This selection of a sub-pool (`rows`: bool (size,)) as a selection of the whole pool: other rows dropped."""
+        import torch
+
+        def put(x: Tensor, fill) -> Tensor:
+            out = torch.full((size,), fill, dtype=x.dtype)
+            out[rows] = x
+            return out
+
+        return Selection(
+            keep=put(self.keep, False), prune_tokens=put(self.prune_tokens, False), weight=put(self.weight, 0),
+            quadrant=put(self.quadrant, 0), alpha=self.alpha, filled=self.filled, fill_in=put(self.fill_in, False),
+        )
 
 
 # --------------------------------------------------------------------------- the registry
@@ -169,11 +192,37 @@ def _entropy(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Gener
 
 @sample_rule("infobatch", needs_scores=True)
 def _infobatch(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Generator) -> Selection:
-    """InfoBatch at a fixed budget: high-loss rows first, low-loss rows at random, survivors rescaled.
+    """InfoBatch as published: rows below the mean loss kept with probability r_s and weighted 1/r_s; the rest kept.
+
+    Qin et al., ICLR 2024, on the loss the scoring pass just measured (InfoBatch's per-sample score is the loss
+    of the sample's last visit; here every pool row is scored fresh by the current model, which is what that
+    running value stands in for). The threshold is the pool's mean loss. Each row below it is dropped with
+    the prune probability r = 1 - r_s; a survivor's loss is weighted 1 / (1 - r) = 1 / r_s; rows at or above
+    the mean train with weight 1. The weighted sum of the kept rows' losses is then an unbiased estimate of
+    the whole pool's sum, and the step's weighted denominator makes the loss a ratio estimate of the pool's
+    mean token loss. The number of kept rows is random and usually above K = round(b * r_s):
+    `prune/kept_samples` reports it. `infobatch_fixed` is the variant with exactly K rows.
+    """
+    import torch
+
+    loss = torch.log(pool.ppl)
+    low = loss < loss.mean()
+    survive = torch.rand(pool.size, generator=gen) < ratio
+    keep = ~low | survive
+    weight = torch.where(low, 1.0 / ratio, 1.0) * keep
+    return Selection(keep=keep, prune_tokens=keep.clone(), weight=weight)
+
+
+@sample_rule("infobatch_fixed", needs_scores=True)
+def _infobatch_fixed(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Generator) -> Selection:
+    """InfoBatch at a fixed budget of K rows: rows at or above the pool's mean loss first, low-loss rows at random.
 
     On the loss the scoring pass just measured: rows whose loss is at least the pool mean are kept first (at
-    random if they exceed K); the remaining slots go to low-loss rows at random. Each kept row's loss is
-    scaled by 1 / its survival probability.
+    random if they exceed K); the remaining slots go to low-loss rows at random. Each kept row is weighted
+    1 / its survival probability. At b = 8 and r_s <= 0.5 the usual case is n_high >= K: no low-loss row is
+    kept, every weight is the same and cancels in the weighted denominator, so in effect this is "K random
+    rows among those above the pool's mean loss". It is not an unbiased estimate of the whole pool's
+    gradient; `infobatch` is the published rule. (This is the `infobatch` of qtuning before issue 10.)
     """
     import torch
 
@@ -205,6 +254,7 @@ def _qtuning(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Gener
         quadrant=torch.from_numpy(t.quadrant),
         alpha=t.alpha,
         filled=t.filled,
+        fill_in=torch.from_numpy(t.fill_in),
     )
 
 

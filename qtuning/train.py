@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, with_overrides
-from qtuning.pruning import prune_tokens
-from qtuning.rules import SAMPLE_RULES, PoolStats, Selection
+from qtuning.pruning import NonFiniteScores, prune_pool
+from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
 from qtuning.scoring import score_tokens
 
@@ -75,6 +75,10 @@ class Pruned:
     response_tokens: int  # label tokens in the whole pool, before pruning
     real_tokens: int  # non-pad tokens in the whole pool
     loss_tokens: Tensor  # () on device: label tokens that train, after both stages
+    pruned_tokens: Tensor | None = None  # (rows,) on device: response tokens token pruning took from each trained row
+    q2_tokens: Tensor | None = None  # (2,) on device: response tokens of the kept token-pruned rows, before and after
+    excluded: int = 0  # rows left out for non-finite scores (pruning.on_nonfinite: exclude)
+    budget_tokens: int | None = None  # pruning.budget: equal_tokens: the loss tokens Q-Tuning would train on this pool
 
 
 def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
@@ -94,28 +98,34 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
         nll = scores.nll  # (b, T)
         stats.ppl, stats.ent = scores.sample_ppl().cpu(), scores.sample_ent().cpu()  # one sync
     # 2. keep misconceptions (Q2) and calibration (Q4); drop noise (Q1) and the mastered (Q3)
-    sel = SAMPLE_RULES[p.sample].fn(stats, p.sample_ratio, p, gen)
     # 3. trim the least useful tokens of Q2 rows from the loss; Q4 rows stay whole
-    labels = prune_tokens(batch.labels, nll, batch.attention_mask, sel, p, gen)
+    decision = prune_pool(stats, batch.labels, nll, batch.attention_mask, p, gen)
+    sel, labels = decision.sel, decision.labels
     pruned = Batch(batch.input_ids, batch.attention_mask, labels)
+    cut = (batch.labels[:, 1:] != IGNORE) & (labels[:, 1:] == IGNORE)  # (b, T-1) response tokens token pruning took
     if p.train_on == "kept_rows":
         keep = sel.keep.to(labels.device)
-        trained, weight = pruned.rows(keep), sel.weight[sel.keep]
+        trained, weight, cut_rows = pruned.rows(keep), sel.weight[sel.keep], cut.sum(1)[keep]
     else:  # the official code's single masked pass: same gradient, no saving
         trained = Batch(batch.input_ids, batch.attention_mask, labels.masked_fill(~sel.keep[:, None].to(labels.device), IGNORE))
-        weight = sel.weight * sel.keep
+        weight, cut_rows = sel.weight * sel.keep, cut.sum(1)
     loss_tokens = (trained.labels[:, 1:] != IGNORE).sum()
-    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens)
+    prunable = (sel.keep & sel.prune_tokens).to(labels.device)[:, None]
+    q2_tokens = torch.stack([((batch.labels[:, 1:] != IGNORE) & prunable).sum(), ((labels[:, 1:] != IGNORE) & prunable).sum()])
+    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens,
+                  cut_rows, q2_tokens, decision.excluded, decision.budget_tokens)
 
 
 def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
-    """Weighted count of what the loss averages over: kept response tokens, or every real position of kept rows."""
+    """Weighted count of what the loss averages over: kept response tokens (`response`), or (`all_tokens`, the
+    authors' code) every real position of a kept row less the response tokens token pruning took from it."""
     b = pruned.batch
     w = pruned.weight.to(b.labels.device)
     if loss_norm == "response":
         per_row = (b.labels[:, 1:] != IGNORE).sum(1)
     else:
-        per_row = b.attention_mask[:, 1:].sum(1) * (w > 0)
+        cut = pruned.pruned_tokens if pruned.pruned_tokens is not None else torch.zeros_like(w, dtype=torch.long)
+        per_row = (b.attention_mask[:, 1:].sum(1) - cut.to(b.labels.device)) * (w > 0)
     return (per_row.float() * w).sum()
 
 
@@ -168,6 +178,8 @@ class TrainState:
     loss_tokens: int = 0  # tokens that carried loss so far
     samples_trained: int = 0
     samples_seen: int = 0
+    skipped_steps: int = 0  # steps whose kept rows carried no loss token: no optimizer or scheduler step
+    nonfinite: int = 0  # rows left out of their pool for non-finite scores (pruning.on_nonfinite: exclude)
     score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
     learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
 
@@ -269,13 +281,16 @@ def train(
 
     epoch_pools: dict[int, list[np.ndarray]] = {}
 
-    def pool(i: int) -> Batch:
-        """Global pool i: epoch i // pools_per_epoch, in that epoch's seeded order."""
+    def pool_rows(i: int) -> np.ndarray:
+        """Global pool i: epoch i // pools_per_epoch, in that epoch's seeded order (data set row indices)."""
         epoch, j = divmod(i, pools_per_epoch)
         if epoch not in epoch_pools:
             epoch_pools.clear()
             epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch, t.group_by_length)
-        idx = epoch_pools[epoch][j]
+        return epoch_pools[epoch][j]
+
+    def pool(i: int) -> Batch:
+        idx = pool_rows(i)
         return collate([all_ids[k] for k in idx], [all_labels[k] for k in idx], tokenizer.pad_token_id).to(device)
 
     bar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, disable=not (progress and accelerator.is_main_process))
@@ -288,17 +303,28 @@ def train(
             i = state.pools_done + rank
             state.pools_done += world
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + i)  # per-pool: resume-safe randomness
-            with accelerator.autocast():
-                pools.append(select_pool(accelerator.unwrap_model(model), pool(i), cfg, gen))
+            try:
+                with accelerator.autocast():
+                    pools.append(select_pool(accelerator.unwrap_model(model), pool(i), cfg, gen))
+            except NonFiniteScores as e:  # name the samples, not their positions in the pool
+                ids = data.dataset["sample_id"]
+                raise e.with_names([ids[int(pool_rows(i)[r])] for r in e.rows]) from None
         _sync(device)
         score_end = time.perf_counter()
 
-        # ---- 4. learn from what is left, and only from it
-        loss_sum = learn(accelerator, model, pools, cfg)
-        if t.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        # ---- 4. learn from what is left, and only from it; a step without a loss token is skipped (AdamW's
+        # momentum would still move the weights). Decided on every process's count (a CPU-GPU sync point).
+        step_tokens = torch.stack([p.loss_tokens for p in pools]).sum() if pools else torch.zeros((), device=device)
+        skipped = int(accelerator.reduce(step_tokens.to(device), reduction="sum")) == 0
+        if not skipped:
+            loss_sum = learn(accelerator, model, pools, cfg)
+            if t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+        else:
+            loss_sum = torch.zeros((), device=device)
+            state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         step_end = time.perf_counter()
@@ -306,24 +332,20 @@ def train(
 
         # ---- bookkeeping: one reduction and one host sync per step
         on_device = torch.stack([loss_sum, *(p.loss_tokens for p in pools)]).double()
-        on_host = torch.tensor(
-            [
-                sum(p.sel.keep.numel() for p in pools), sum(int(p.sel.keep.sum()) for p in pools),
-                sum(p.response_tokens for p in pools), sum(p.real_tokens for p in pools),
-                *[sum(int((p.sel.quadrant == q).sum()) for p in pools) for q in (1, 2, 3, 4)],
-                sum(p.sel.filled for p in pools),
-            ],
-            dtype=torch.float64,
-        )
-        totals = accelerator.reduce(torch.cat([on_device, on_host.to(device)]), reduction="sum").tolist()
+        q2_tokens = torch.stack([p.q2_tokens for p in pools]).sum(0).double()  # (2,) before, after token pruning
+        on_host = torch.tensor(_pool_counts(pools), dtype=torch.float64)
+        totals = accelerator.reduce(torch.cat([on_device, q2_tokens, on_host.to(device)]), reduction="sum").tolist()
         loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
-        n_pool, n_kept, n_resp, n_real, q1, q2, q3, q4, filled = totals[1 + len(pools) :]
+        q2_before, q2_after = totals[1 + len(pools) : 3 + len(pools)]
+        counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) :]))
+        n_pool, n_kept, n_resp, n_real = (counts[k] for k in ("pool", "kept", "response", "real"))
         state.loss_tokens += int(n_loss_tok)
         state.samples_trained += int(n_kept)
         state.samples_seen += int(n_pool)
+        state.nonfinite += int(counts["nonfinite"])
         state.score_seconds += score_end - step_start
         state.learn_seconds += step_end - score_end
-        summary_loss = loss_value
+        summary_loss = summary_loss if skipped else loss_value
         alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
         metrics = {
             "train/loss": loss_value,
@@ -331,15 +353,22 @@ def train(
             "train/epoch": state.pools_done / pools_per_epoch,
             "train/loss_tokens": state.loss_tokens,
             "train/samples_trained": state.samples_trained,
+            "train/skipped_steps": state.skipped_steps,
             "prune/kept_samples": n_kept / n_pool,
-            "prune/kept_tokens": n_loss_tok / max(n_resp, 1),
-            "prune/q1": q1, "prune/q2": q2, "prune/q3": q3, "prune/q4": q4, "prune/filled": filled,
+            "prune/kept_tokens": n_loss_tok / max(n_resp, 1),  # share of the pools' response tokens that trained
+            **{f"prune/{k}": counts[k] for k in POOL_COUNTS[4:-1]},
             "time/score_seconds": score_end - step_start,
             "time/learn_seconds": step_end - score_end,
             "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
         }
+        if skipped:  # no loss was computed: leave the curve a gap rather than a 0
+            del metrics["train/loss"]
         if alphas:
             metrics["prune/alpha"] = float(np.mean(alphas))
+        if q2_before:  # kept response tokens of token-pruned rows / their response tokens: ~r_t under per_sample
+            metrics["prune/q2_token_keep"] = q2_after / q2_before
+        if cfg.pruning.budget == "equal_tokens":
+            metrics["prune/budget_tokens"] = counts["budget_tokens"]
         if state.step % t.log_every_steps == 0 or state.step == total_steps:
             if metrics_file:
                 metrics_file.write(state.step, metrics)
@@ -358,6 +387,8 @@ def train(
         "loss_tokens": state.loss_tokens,
         "samples_trained": state.samples_trained,
         "samples_seen": state.samples_seen,
+        "skipped_steps": state.skipped_steps,
+        "nonfinite_samples": state.nonfinite,
         "score_seconds": round(state.score_seconds, 3),
         "learn_seconds": round(state.learn_seconds, 3),
         "loop_seconds": round(state.score_seconds + state.learn_seconds, 3),  # the training loop: what pruning changes
@@ -375,6 +406,30 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+# Per-step counts summed over a step's pools (and processes). q1..q4: geometric quadrants before fill-in;
+# filled_from_*: fill-ins by the quadrant they lie in (fill-ins come from Q1, Q3 or between the thresholds);
+# filled_as_q2: fill-ins that count as Q2 (token-pruned; the others train whole, as Q4).
+POOL_COUNTS = ("pool", "kept", "response", "real", "q1", "q2", "q3", "q4", "filled", "filled_from_q1", "filled_from_q3",
+               "filled_from_none", "filled_as_q2", "nonfinite", "budget_tokens")
+
+
+def _pool_counts(pools: list[Pruned]) -> list[float]:
+    """The POOL_COUNTS of a step's pools, in that order (host-side: selections live on CPU)."""
+    def n(mask) -> int:
+        return int(mask.sum())
+
+    rows = []
+    for p in pools:
+        s = p.sel
+        rows.append([
+            s.keep.numel(), n(s.keep), p.response_tokens, p.real_tokens,
+            *(n(s.quadrant == q) for q in (1, 2, 3, 4)),
+            n(s.fill_in), n(s.fill_in & (s.quadrant == 1)), n(s.fill_in & (s.quadrant == 3)), n(s.fill_in & (s.quadrant == 0)),
+            n(s.fill_in & s.prune_tokens), p.excluded, p.budget_tokens or 0,
+        ])
+    return [float(sum(col)) for col in zip(*rows)] if rows else [0.0] * len(POOL_COUNTS)
 
 
 def matching_data(data: SFTData, cfg: DataConfig) -> SFTData:

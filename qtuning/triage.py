@@ -26,9 +26,16 @@ class Triage:
 
     keep: np.ndarray  # (b,) bool
     q2: np.ndarray  # (b,) bool, kept rows whose tokens are pruned (Q2 and Q2-like fill-ins)
-    quadrant: np.ndarray  # (b,) int, 1..4 or 0; fill-ins carry the quadrant they count as
+    quadrant: np.ndarray  # (b,) int, 1..4 or 0: the geometric quadrant at the final thresholds, before fill-in
     alpha: float  # alpha = beta reached by the bisection
     filled: int  # rows added by the fill-in rule
+    fill_in: np.ndarray  # (b,) bool, those rows (their `quadrant` says where they lie, `q2` what they count as)
+
+    @property
+    def role(self) -> np.ndarray:
+        """(b,) int: the quadrant each row is treated as: Q2 for token-pruned kept rows, Q4 for kept rows trained
+        whole, the geometric quadrant otherwise (a fill-in counts as Q2 or Q4, wherever it lies)."""
+        return np.where(self.keep, np.where(self.q2, Q2_MISCONCEPTION, Q4_CALIBRATION), self.quadrant)
 
 
 def _quadrants(ppl: np.ndarray, ent: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -65,8 +72,9 @@ def triage(ppl, ent, ratio: float, *, iters: int = 10, tol: float = 0.01) -> Tri
     for code, mask in ((Q1_NOISE, q1), (Q3_MASTERED, q3), (Q2_MISCONCEPTION, q2), (Q4_CALIBRATION, q4)):
         quadrant[mask] = code
     keep = q2 | q4
+    q2_rows = q2.copy()
     k = keep_count(b, ratio)
-    filled = 0
+    fill_in = np.zeros(b, dtype=bool)
     if keep.sum() < k:
         ppl_n = _minmax(ppl)
         ent_n = _minmax(ent)
@@ -74,11 +82,9 @@ def triage(ppl, ent, ratio: float, *, iters: int = 10, tol: float = 0.01) -> Tri
         gap[keep] = -np.inf
         order = np.argsort(-gap, kind="stable")
         for i in order[: k - keep.sum()]:
-            keep[i] = True
-            quadrant[i] = Q2_MISCONCEPTION if ppl_n[i] >= ent_n[i] else Q4_CALIBRATION
-            filled += 1
-    q2_rows = keep & (quadrant == Q2_MISCONCEPTION)
-    return Triage(keep=keep, q2=q2_rows, quadrant=quadrant, alpha=float(alpha), filled=filled)
+            keep[i] = fill_in[i] = True
+            q2_rows[i] = ppl_n[i] >= ent_n[i]  # counts as Q2 (token-pruned), else as Q4 (kept whole)
+    return Triage(keep=keep, q2=q2_rows, quadrant=quadrant, alpha=float(alpha), filled=int(fill_in.sum()), fill_in=fill_in)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

@@ -16,6 +16,14 @@ from tasks.tracking import RunRef, log_metrics, log_text, set_tags, tmp_artifact
 @task(name="arm_result", cache_policy=NO_CACHE)
 def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainRecord | None = None) -> ArmResult:
     """One row of the table from an arm's training and evaluation records."""
+    import json
+    from pathlib import Path
+
+    from qtuning.config import ExperimentConfig, load_yaml
+    from qtuning.evaluation.results import headline_stderrs
+
+    stderr = headline_stderrs(json.loads(Path(evaluated.results_path).read_text()))
+    pruning = load_yaml(ExperimentConfig, trained.config_path).pruning if trained else None
     return ArmResult(
         name=name,
         run_id=run.run_id,
@@ -25,6 +33,9 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
         loop_seconds=float(trained.summary["loop_seconds"]) if trained else 0.0,
         final_dir=trained.final_dir if trained else None,
         eval_results_path=evaluated.results_path,
+        eval_samples_path=evaluated.samples_path,
+        stderr=stderr,
+        budget=pruning.budget if pruning is not None and not pruning.is_full_data else None,
     )
 
 
@@ -32,7 +43,7 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
 def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> ComparisonResult:
     """Build the table, log it to the parent run (text, Markdown, MLflow table, metrics) and return it."""
     log = get_run_logger()
-    table = comparison_table([a.model_dump() for a in arms], baseline=baseline)
+    table = comparison_table([{**a.model_dump(), "samples": _samples(a.eval_samples_path)} for a in arms], baseline=baseline)
     text, markdown = format_table(table), format_table(table, markdown=True)
     log.info("comparison:\n" + text)
     rows = []
@@ -42,9 +53,17 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
                "average": a.average, "ratio_to_full": _num(r["ratio_to_full"]),
                "loss_tokens": a.loss_tokens, "loop_seconds": a.loop_seconds, "final_dir": a.final_dir}
         rows.append(row)
+        # the difference to the baseline and its interval (paired bootstrap), where both have per-item results
+        diffs = {c: _num(r[c]) for c in table.columns if c.endswith(("diff", "diff_lo", "diff_hi"))}
+        row.update(stderr=dict(a.stderr), budget=a.budget, **diffs)
+        if "outside_noise" in table.columns and diffs.get("diff") is not None:
+            row["outside_noise"] = bool(r["outside_noise"])
         log_metrics(parent, {f"compare/{a.name}/average": a.average, f"compare/{a.name}/ratio_to_full": row["ratio_to_full"] or math.nan,
                              f"compare/{a.name}/loss_tokens": a.loss_tokens, f"compare/{a.name}/loop_seconds": a.loop_seconds,
-                             **{f"compare/{a.name}/{b}": s for b, s in a.scores.items()}})
+                             **{f"compare/{a.name}/{b}": s for b, s in a.scores.items()},
+                             **{f"compare/{a.name}/{b}_stderr": s for b, s in a.stderr.items()},
+                             **{f"compare/{a.name}/{c}": v for c, v in diffs.items() if v is not None},
+                             **({f"compare/{a.name}/outside_noise": float(row["outside_noise"])} if "outside_noise" in row else {})})
     log_text(parent, text + "\n", "comparison/table.txt")
     log_text(parent, markdown + "\n", "comparison/table.md")
     parent.client.log_table(parent.run_id, data=table.reset_index(), artifact_file="comparison/table.json")
@@ -53,6 +72,16 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
         name=parent.name, parent_run_id=parent.run_id, experiment_id=parent.experiment_id, tracking_uri=parent.tracking_uri,
         ui_command=ui_command(parent.tracking_uri), arms=rows, table=text, table_markdown=markdown,
     )
+
+
+def _samples(path: str | None):
+    """An arm's per-item results (task, doc_id, correct), or None where it has none to pair."""
+    import pandas as pd
+    from pathlib import Path
+
+    if not path or not Path(path).exists() or not Path(path).stat().st_size:
+        return None
+    return pd.read_json(path, lines=True)[["task", "doc_id", "correct"]]
 
 
 def _num(v) -> float | None:

@@ -57,6 +57,8 @@ def log_evaluation(run: RunRef, record: EvalRecord, evaluation: EvalConfig) -> N
     """Per-benchmark metrics, lm-eval's results JSON and the per-sample table, in the run."""
     import pandas as pd
 
+    from qtuning.evaluation.results import headline_stderrs
+
     results = json.loads(Path(record.results_path).read_text())
     metrics: dict[str, float] = {}
     for task_name, values in (results.get("results") or {}).items():
@@ -65,6 +67,7 @@ def log_evaluation(run: RunRef, record: EvalRecord, evaluation: EvalConfig) -> N
             if name and isinstance(v, (int, float)) and not isinstance(v, bool):
                 metrics[name] = float(v)
     metrics.update({f"eval/{b}/score": s for b, s in record.scores.items()})
+    metrics.update({f"eval/{b}/score_stderr": s for b, s in headline_stderrs(results).items()})  # points, as the score
     metrics.update({"eval/average": record.average, "eval/seconds": record.seconds})
     metrics.update({f"eval/{b}/seconds": s for b, s in record.task_seconds.items()})
     log_metrics(run, metrics)

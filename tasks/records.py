@@ -99,6 +99,9 @@ class ArmResult(BaseModel):
     loop_seconds: float
     final_dir: str | None = None
     eval_results_path: str | None = None
+    eval_samples_path: str | None = None  # per-item correctness (task, doc_id, correct): the paired bootstrap's input
+    stderr: dict[str, float] = {}  # benchmark -> lm-eval's standard error of the score, points
+    budget: str | None = None  # the arm's pruning.budget (own | equal_tokens); None for full data and zero-shot
 
 
 class ComparisonResult(BaseModel):

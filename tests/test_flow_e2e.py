@@ -139,7 +139,12 @@ def test_first_comparison_table(first):
         assert row["loop_seconds"] > 0 and row["loss_tokens"] > 0
     assert rows["qtuning-25x50"]["loss_tokens"] < rows["full"]["loss_tokens"] / 2
     header = first.table.splitlines()[0].split()
-    assert header == ["arm", *BENCHMARKS, "average", "ratio_to_full", "loss_tokens", "loop_seconds"]
+    # issue 10: the arm's budget, each score with lm-eval's standard error, the difference to full with its
+    # interval (paired bootstrap on the logged items), and notes on what one item per benchmark can separate
+    assert header[: 2 + len(BENCHMARKS)] == ["arm", "budget", *BENCHMARKS]
+    assert header[-3:] == ["ratio_to_full", "loss_tokens", "loop_seconds"]
+    assert "1 item per benchmark" in first.table and "too few to separate the arms" in first.table
+    assert rows["qtuning-25x50"]["budget"] == "own" and "diff_lo" in rows["qtuning-25x50"]
     assert first.ui_command.startswith("mlflow ui --backend-store-uri sqlite:///")
     assert task_states("train") == {"Completed": 2}
 

@@ -55,8 +55,12 @@ def test_fill_in_ranks_by_distance_from_diagonal_and_assigns_quadrant():
     t = triage(ppl, ent, ratio=0.25, iters=1)
     assert t.filled == 2
     assert set(np.flatnonzero(t.keep)) == {3, 4}
-    assert t.quadrant[4] == Q2_MISCONCEPTION and t.q2[4]
-    assert t.quadrant[3] == Q4_CALIBRATION and not t.q2[3]
+    # issue 10: `quadrant` is the geometric quadrant before fill-in (neither row lies in one); what a fill-in
+    # counts as is `q2` (token-pruned) or not (trained whole, as Q4), and `role` says so
+    assert t.fill_in.tolist() == [False, False, False, True, True, False, False, False]
+    assert t.quadrant[3] == t.quadrant[4] == 0
+    assert t.role[4] == Q2_MISCONCEPTION and t.q2[4]
+    assert t.role[3] == Q4_CALIBRATION and not t.q2[3]
 
 
 def test_kept_set_larger_than_k_is_not_cut():
@@ -165,8 +169,8 @@ def _stats(b=16, seed=0):
     )
 
 
-@pytest.mark.parametrize("rule", ["random", "longest", "ppl", "entropy", "infobatch"])
-def test_baselines_keep_exactly_k(rule):
+@pytest.mark.parametrize("rule", ["random", "longest", "ppl", "entropy", "infobatch_fixed"])
+def test_baselines_keep_exactly_k(rule):  # published infobatch keeps a random number of rows (its own test below)
     stats = _stats()
     cfg = PruningConfig(sample=rule, token="random")
     sel = SAMPLE_RULES[rule].fn(stats, 0.25, cfg, torch.Generator().manual_seed(0))
@@ -189,12 +193,13 @@ def test_longest_ppl_entropy_pick_the_top():
     )
 
 
-def test_infobatch_rescales_low_loss_survivors_for_an_unbiased_gradient():
+def test_infobatch_fixed_fills_k_with_rescaled_low_loss_rows():
+    """The fixed-budget variant (qtuning's infobatch before issue 10): K rows, high-loss first."""
     b = 16
     ppl = torch.exp(torch.cat([torch.full((2,), 3.0), torch.full((14,), 0.5)]))  # 2 high-loss, 14 low-loss rows
     stats = PoolStats(lengths=torch.full((b,), 20), response_lengths=torch.full((b,), 10), ppl=ppl, ent=torch.ones(b))
-    cfg = PruningConfig(sample="infobatch", token="random")
-    sel = SAMPLE_RULES["infobatch"].fn(stats, 0.25, cfg, torch.Generator().manual_seed(0))
+    cfg = PruningConfig(sample="infobatch_fixed", token="random")
+    sel = SAMPLE_RULES["infobatch_fixed"].fn(stats, 0.25, cfg, torch.Generator().manual_seed(0))
     assert sel.keep[:2].all()  # every high-loss row survives, weight 1
     assert torch.allclose(sel.weight[:2], torch.ones(2))
     low_kept = sel.keep[2:]
@@ -236,3 +241,137 @@ def test_a_new_rule_is_one_function():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[False, True, False]"
+
+
+# --------------------------------------------------------------------------- issue 10: budgets the rules claim
+def test_published_infobatch_keeps_high_loss_rows_and_rescales_random_low_loss_survivors():
+    b = 16
+    loss = torch.tensor([3.0, 2.5] + [0.5] * 14)  # 2 rows above the pool mean, 14 below
+    stats = PoolStats(lengths=torch.full((b,), 20), response_lengths=torch.full((b,), 10), ppl=torch.exp(loss), ent=torch.ones(b))
+    cfg = PruningConfig(sample="infobatch", token="random")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(1.0, b + 1)  # any per-row quantity (a row's loss sum, a gradient component)
+    estimates, low_kept = [], []
+    for _ in range(4000):
+        sel = SAMPLE_RULES["infobatch"].fn(stats, 0.25, cfg, gen)
+        assert sel.keep[:2].all() and torch.equal(sel.weight[:2], torch.ones(2))  # high-loss rows: always, weight 1
+        assert torch.allclose(sel.weight[2:][sel.keep[2:]], torch.full((int(sel.keep[2:].sum()),), 4.0))  # 1 / r_s
+        assert (sel.weight[~sel.keep] == 0).all()
+        estimates.append(float((sel.weight * x).sum()))
+        low_kept.append(float(sel.keep[2:].float().mean()))
+    # low-loss rows survive with probability r_s = 0.25 (not "only when high-loss rows leave room")
+    assert np.mean(low_kept) == pytest.approx(0.25, abs=0.01)
+    # the weighted sum of the kept rows is an unbiased estimate of the whole pool's sum (the published claim)
+    assert np.mean(estimates) == pytest.approx(float(x.sum()), abs=5 * 1.06)  # 5 sd of the mean of 4000 draws
+
+
+def test_infobatch_fixed_weights_cancel_when_high_loss_rows_fill_k():
+    """The finding behind the published rule: at b=8, r_s=0.25 and n_high >= K, no low-loss row is kept and every
+    kept weight is the same, so the rescaling cancels in the weighted denominator."""
+    stats = _stats(b=8, seed=3)
+    cfg = PruningConfig(sample="infobatch_fixed", token="random")
+    sel = SAMPLE_RULES["infobatch_fixed"].fn(stats, 0.25, cfg, torch.Generator().manual_seed(0))
+    loss = torch.log(stats.ppl)
+    high = loss >= loss.mean()
+    assert int(high.sum()) >= 2 and bool(high[sel.keep].all())
+    assert len(set(sel.weight[sel.keep].tolist())) == 1
+
+
+@pytest.mark.parametrize("budget", ["per_sample", "batch_global"])
+def test_token_ratio_one_prunes_no_token(budget):
+    labels, attention, nll = _pool_batch()
+    cfg = PruningConfig(sample_ratio=0.5, token_ratio=1.0, token_budget=budget)
+    # row 0 kept as Q2 while more rows are kept than round(N r_s) would allow: batch_global used to prune it
+    sel = _selection([True, True], [True, False])
+    assert torch.equal(prune_tokens(labels, nll, attention, sel, cfg, torch.Generator()), labels)
+
+
+def test_batch_global_is_allowed_for_every_sample_rule_with_the_same_pool_budget():
+    labels, attention, nll = _pool_batch()
+    cfg = PruningConfig(sample="random", token="random", sample_ratio=0.5, token_ratio=0.5, token_budget="batch_global")
+    sel = _selection([True, False], [True, False])
+    out = prune_tokens(labels, None, attention, sel, cfg, torch.Generator().manual_seed(0))
+    assert ((labels != IGNORE) & (out == IGNORE)).sum() == 18 - round(18 * 0.25) - 7  # as Q-Tuning's budget
+
+
+def _eu_pool():
+    """8 rows with the batch of `_pool_batch` shapes: prompt 3, response 8 or 4 tokens; scores in known quadrants."""
+    labels, attention, nll = _pool_batch()
+    labels, attention, nll = labels.repeat(4, 1), attention.repeat(4, 1), nll.repeat(4, 1)
+    ppl = torch.tensor([100.0, 100.0, 2.0, 2.0, 100.0, 100.0, 2.0, 2.0])
+    ent = torch.tensor([1.0, 5.0, 1.0, 5.0, 1.1, 5.1, 1.1, 5.1])  # Q2, Q1, Q3, Q4, Q2, Q1, Q3, Q4
+    stats = PoolStats(lengths=attention.sum(1), response_lengths=(labels[:, 1:] != IGNORE).sum(1), ppl=ppl, ent=ent)
+    return stats, labels, attention, nll
+
+
+def test_equal_tokens_gives_a_baseline_the_loss_tokens_qtuning_trains():
+    from qtuning.pruning import prune_pool, qtuning_loss_tokens
+
+    stats, labels, attention, nll = _eu_pool()
+    qt = PruningConfig(sample_ratio=0.25, token_ratio=0.5)
+    own_qt = prune_pool(stats, labels, nll, attention, qt, torch.Generator())
+    trained = lambda d: int(((d.labels[:, 1:] != IGNORE) & d.sel.keep[:, None]).sum())  # noqa: E731
+    budget = qtuning_loss_tokens(stats, labels, nll, attention, qt)
+    assert budget == trained(own_qt)
+    # Q2 rows keep ceil(r_t T), Q4 rows stay whole: more than r_t of the kept rows' response tokens
+    resp, s = stats.response_lengths, own_qt.sel
+    assert s.prune_tokens.any() and (s.keep & ~s.prune_tokens).any()  # a Q2 row and a Q4 row
+    assert budget == sum(math.ceil(0.5 * int(resp[i])) for i in s.prune_tokens.nonzero().flatten()) + int(resp[s.keep & ~s.prune_tokens].sum())
+    assert budget > 0.5 * int(resp[s.keep].sum())
+
+    rnd = PruningConfig(sample="random", token="random", sample_ratio=0.25, token_ratio=0.5)
+    for seed in range(5):
+        own = prune_pool(stats, labels, nll, attention, rnd, torch.Generator().manual_seed(seed))
+        eq = prune_pool(stats, labels, nll, attention, rnd.model_copy(update={"budget": "equal_tokens"}),
+                        torch.Generator().manual_seed(seed))
+        assert torch.equal(own.sel.keep, eq.sel.keep)  # same rows: only the token stage differs
+        assert eq.budget_tokens == budget
+        kept_resp = int(resp[eq.sel.keep].sum())
+        assert trained(eq) == min(budget, kept_resp)
+        assert trained(own) == sum(math.ceil(0.5 * int(r)) for r in resp[own.sel.keep])  # every kept row halved
+    # Q-Tuning under equal_tokens is Q-Tuning: its own per-sample decisions
+    eq_qt = prune_pool(stats, labels, nll, attention, qt.model_copy(update={"budget": "equal_tokens"}), torch.Generator())
+    assert torch.equal(eq_qt.labels, own_qt.labels)
+
+
+def test_equal_tokens_config_needs_a_token_rule_and_scores():
+    cfg = PruningConfig(sample="random", token="random", budget="equal_tokens")
+    assert cfg.needs_scores  # Q-Tuning's count needs the EU plane
+    with pytest.raises(ValueError, match="pruning.budget: equal_tokens.*pruning.token"):
+        PruningConfig(sample="random", token="all", token_ratio=1.0, budget="equal_tokens")
+
+
+def test_nonfinite_scores_stop_the_run_naming_the_rows_by_default():
+    from qtuning.pruning import NonFiniteScores, select_samples
+
+    stats, *_ = _eu_pool()
+    stats.ppl[2], stats.ent[5] = float("nan"), float("inf")
+    with pytest.raises(NonFiniteScores) as err:
+        select_samples(stats, PruningConfig(), torch.Generator())
+    assert err.value.rows == [2, 5]
+    assert "pool row 2" in str(err.value) and "on_nonfinite: exclude" in str(err.value)
+    assert "row-7" in str(err.value.with_names(["row-7", "row-9"]))
+
+
+def test_nonfinite_scores_excluded_are_counted_and_never_kept():
+    from qtuning.pruning import select_samples
+
+    stats, *_ = _eu_pool()
+    stats.ppl[0] = float("nan")  # a Q2 row
+    sel, excluded = select_samples(stats, PruningConfig(on_nonfinite="exclude", sample_ratio=0.25), torch.Generator())
+    assert excluded == 1
+    assert not sel.keep[0] and sel.weight[0] == 0 and sel.quadrant[0] == 0
+    assert bool(sel.keep[4]) and bool(sel.prune_tokens[4])  # the other Q2 row is still triaged as Q2
+    assert len(sel.keep) == 8
+
+
+def test_selection_carries_geometric_quadrant_and_fill_in_flag():
+    # the fill-in case of test_fill_in_ranks_by_distance_from_diagonal_and_assigns_quadrant, through the rule
+    ppl = torch.arange(1.0, 9.0)
+    ent = ppl.clone()
+    ent[3], ent[4] = 8.0, 1.0
+    stats = PoolStats(lengths=torch.full((8,), 10), response_lengths=torch.full((8,), 5), ppl=ppl, ent=ent)
+    sel = SAMPLE_RULES["qtuning"].fn(stats, 0.25, PruningConfig(bisect_iters=1), torch.Generator())
+    assert sel.fill_in.tolist() == [False, False, False, True, True, False, False, False] and sel.filled == 2
+    assert sel.quadrant[3] == sel.quadrant[4] == 0  # where they lie: between the thresholds
+    assert bool(sel.prune_tokens[4]) and not bool(sel.prune_tokens[3])  # what they count as: Q2, Q4

@@ -139,3 +139,114 @@ def test_default_compare_config_is_the_documented_main_job():
     assert cfg.baseline_arm.name == "full" and cfg.reference_arm.pruning.sample_ratio == 0.25
     assert cfg.reference_arm.pruning.token_ratio == 0.5
     assert cfg.experiment(cfg.arms[1]).pool_size == 8
+
+
+# --------------------------------------------------------------------------- issue 10: differences with their noise
+from qtuning.report import paired_bootstrap  # noqa: E402
+
+
+def _items(correct_by_task: dict[str, list[int]]) -> pd.DataFrame:
+    return pd.DataFrame([{"task": t, "doc_id": i, "correct": c} for t, cs in correct_by_task.items() for i, c in enumerate(cs)])
+
+
+def test_bootstrap_of_identical_arms_is_zero_with_an_interval_containing_it():
+    rng = np.random.default_rng(0)
+    a = _items({"arc_easy": list(rng.integers(0, 2, 40)), "gsm8k": list(rng.integers(0, 2, 30))})
+    out = paired_bootstrap(a, a.copy())
+    assert list(out.index) == ["arc_easy", "gsm8k", "average"]
+    assert (out["diff"] == 0).all() and (out["lo"] <= 0).all() and (out["hi"] >= 0).all()
+    assert not out["outside_noise"].any()
+
+
+def test_bootstrap_of_an_arm_right_where_the_other_is_wrong_excludes_zero_with_the_sign():
+    right, wrong = _items({"arc_easy": [1] * 20, "squad": [1] * 10}), _items({"arc_easy": [0] * 20, "squad": [0] * 10})
+    up, down = paired_bootstrap(right, wrong), paired_bootstrap(wrong, right)
+    assert (up["diff"] == 100).all() and (up["lo"] > 0).all() and up["outside_noise"].all()
+    assert (down["diff"] == -100).all() and (down["hi"] < 0).all() and down["outside_noise"].all()
+    # one item per benchmark: the interval has no width, but one item is not a finding
+    single = paired_bootstrap(_items({"arc_easy": [1]}), _items({"arc_easy": [0]}))
+    assert single.at["arc_easy", "lo"] == 100 and not single["outside_noise"].any()
+
+
+def test_bootstrap_mean_difference_is_exact_and_paired_on_items_and_seeded():
+    # arc_easy: arm right on 6 of 10, base on 3 (+30 points); gsm8k: 1 of 4 against 2 of 4 (-25); average +2.5
+    arm = _items({"arc_easy": [1] * 6 + [0] * 4, "gsm8k": [1, 0, 0, 0]})
+    base = _items({"arc_easy": [1] * 3 + [0] * 7, "gsm8k": [1, 1, 0, 0]})
+    base = base.sample(frac=1.0, random_state=1)  # order does not matter: items pair on (task, doc_id)
+    out = paired_bootstrap(arm, base, n_resamples=500, seed=3)
+    assert out.at["arc_easy", "diff"] == pytest.approx(30.0)
+    assert out.at["gsm8k", "diff"] == pytest.approx(-25.0)
+    assert out.at["average", "diff"] == pytest.approx(2.5)
+    assert out.at["arc_easy", "n_items"] == 10
+    assert out.equals(paired_bootstrap(arm, base, n_resamples=500, seed=3))
+    # paired: every arc_easy item the base gets right the arm gets right too, so the difference is never negative
+    assert out.at["arc_easy", "lo"] >= 0
+
+
+def test_comparison_table_shows_stderr_budget_and_says_when_items_are_too_few():
+    rng = np.random.default_rng(0)
+    full = _items({"arc_easy": list(rng.integers(0, 2, 8)), "gsm8k": list(rng.integers(0, 2, 8))})
+    arms = [
+        {**ARMS[0], "scores": {"arc_easy": 50.0, "gsm8k": 25.0}, "average": 37.5, "stderr": {"arc_easy": 18.9, "gsm8k": 16.4},
+         "samples": full},
+        {**ARMS[1], "scores": {"arc_easy": 50.0, "gsm8k": 25.0}, "average": 37.5, "stderr": {"arc_easy": 18.9, "gsm8k": 16.4},
+         "samples": full.copy(), "budget": "equal_tokens"},
+    ]
+    table = comparison_table(arms)
+    assert table.at["qt", "budget"] == "equal_tokens" and table.at["full", "budget"] == "-"
+    assert table.at["qt", "diff"] == 0 and not table.at["qt", "outside_noise"]
+    text = format_table(table)
+    assert "50.00 ± 18.90" in text
+    assert "8 items per benchmark" in text and "are noise" in text
+    assert "too few to separate the arms" in text
+    assert "equal_tokens" in text
+    md = format_table(table, markdown=True)
+    assert md.startswith("| arm | budget |")
+
+
+def test_comparison_table_marks_a_difference_outside_the_noise():
+    base = _items({"arc_easy": [0] * 50})
+    arms = [
+        {**ARMS[0], "scores": {"arc_easy": 0.0}, "average": 0.0, "samples": base},
+        {**ARMS[1], "scores": {"arc_easy": 100.0}, "average": 100.0, "samples": _items({"arc_easy": [1] * 50})},
+    ]
+    table = comparison_table(arms)
+    assert bool(table.at["qt", "outside_noise"])
+    text = format_table(table)
+    assert "+100.00 [+100.00, +100.00]*" in text and "too few" not in text
+
+
+def test_headline_stderrs_read_lm_evals_stderr_of_the_headline_metric():
+    from qtuning.evaluation.results import headline_stderrs
+
+    results = {"results": {
+        "qt_arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.4, "acc_norm_stderr,none": 0.2},
+        "qt_gsm8k": {"exact_match,last_number": 0.25, "exact_match_stderr,last_number": 0.05, "exact_match,none": 0.0},
+        "qt_squad": {"exact_match,none": 0.1, "exact_match_stderr,none": "N/A"},
+    }}
+    assert headline_stderrs(results) == pytest.approx({"arc_easy": 10.0, "gsm8k": 5.0})
+
+
+def test_quadrant_shares_are_geometric_with_fill_ins_apart():
+    from qtuning.report import quadrant_shares
+    from qtuning.triage import triage
+
+    ppl = np.arange(1.0, 9.0)
+    ent = ppl.copy()
+    ent[3], ent[4] = 8.0, 1.0
+    t = triage(ppl, ent, ratio=0.25, iters=1)  # two fill-ins lying between the thresholds
+    shares = quadrant_shares(t)
+    assert sum(shares[f"q{q}"] for q in (1, 2, 3, 4)) + shares["none"] == pytest.approx(1.0)
+    assert shares["q2"] == shares["q4"] == 0.0  # before fill-in, no row lies in Q2 or Q4
+    assert shares["filled"] == shares["filled_from_none"] == 2 / 8
+    assert shares["kept_q2"] == shares["kept_q4"] == 1 / 8  # what they count as
+
+
+def test_eu_plane_marks_fill_ins_apart():
+    ppl = np.arange(1.0, 9.0)
+    ent = ppl.copy()
+    ent[3], ent[4] = 8.0, 1.0
+    scores = pd.DataFrame({"ppl": ppl, "ent": ent})
+    fig, shares = eu_plane_figure(scores, 0.25, iters=1)
+    labels = [h.get_label() for h in fig.axes[0].collections]
+    assert any(l.startswith("filled in as Q2: 1") for l in labels) and any(l.startswith("filled in as Q4: 1") for l in labels)

@@ -73,6 +73,24 @@ def headline(task: str, metrics: dict[str, Any]) -> tuple[str, float]:
     return key, numeric[key]
 
 
+def headline_stderrs(results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's standard error of each task's headline score, in the score's units (points for fractions), by
+    short name. From a results JSON's `results` section: the headline `"{metric},{filter}"` has its error at
+    `"{metric}_stderr,{filter}"`; a task that reports none (or 'N/A') is left out."""
+    out: dict[str, float] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        try:
+            key, _ = headline(task, metrics)
+        except KeyError:
+            continue
+        metric, _, filt = key.partition(",")
+        value = metrics.get(f"{metric}_stderr,{filt}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            fraction = task in HEADLINES or metric in FRACTION_METRICS
+            out[short_name(task)] = float(value) * (100.0 if fraction else 1.0)
+    return out
+
+
 def pick_result_name(spec: str, results: dict[str, Any], groups: dict[str, Any]) -> str:
     """Which entry of lm-eval's results stands for the requested task spec (name, group or YAML path)."""
     if spec in results:
