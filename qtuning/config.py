@@ -22,6 +22,7 @@ from qtuning.triage import keep_count
 BUNDLED_MODEL = "smollm2-135m-instruct"
 SCORE_CHUNK_TOKENS = 2048  # positions per chunk of the scoring head: its fp32 logits are chunk x vocabulary
 DATA_PRESETS = ("sharegpt", "arc")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "clearml", "dvclive")  # training.log_with: accelerate's names
 DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "alpaca", "prompt_completion", "text")  # data.format
 
 # The rule names come from the registry, the only list of them (qtuning.rules; no torch at import).
@@ -150,6 +151,20 @@ class DataConfig(_Frozen):
         description="A file of sample ids, one per line: train on those rows of the tokenized set only. A static arm's "
         "prune stage writes it (the rows its triage keeps); the data set itself is prepared once, for every arm.",
     )
+    eval_rows: int = Field(
+        0,
+        ge=0,
+        description="Rows held out of training to measure the held-out loss (training.eval_every_steps, summary.json, "
+        "the comparison's heldout_loss). Taken from the end of the seeded shuffle (data.seed) of the source, so they "
+        "never overlap the `limit` training rows, do not depend on `limit`, and are the same rows for every arm. "
+        "With eval_source: at most this many rows of that file (a seeded draw; 0: all of them). 0 without "
+        "eval_source: no held-out split.",
+    )
+    eval_source: str | None = Field(
+        None,
+        description="A separate local file (.jsonl/.json/.parquet) of held-out rows, read with this section's format "
+        "and field names, instead of rows held out of `source`. Part of the data fingerprint (by content).",
+    )
 
     @field_validator("source")
     @classmethod
@@ -165,6 +180,11 @@ class DataConfig(_Frozen):
             )
         return v
 
+    @property
+    def has_heldout(self) -> bool:
+        """True when a held-out split is configured (data.eval_rows or data.eval_source)."""
+        return self.eval_rows > 0 or self.eval_source is not None
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         problems = []
@@ -172,6 +192,11 @@ class DataConfig(_Frozen):
             problems.append("data.train_on_prompt has no effect with data.format: text (every token carries loss); remove it")
         if self.format == "text" and self.first_turn_only:
             problems.append("data.first_turn_only has no effect with data.format: text (a text has no turns); remove it")
+        if self.eval_source is not None and not Path(self.eval_source).expanduser().is_file():
+            problems.append(
+                f"data.eval_source: {self.eval_source!r} is not an existing file; give a local .jsonl/.json/.parquet "
+                "file of held-out rows, or hold rows out of data.source with data.eval_rows"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -294,6 +319,19 @@ class TrainingConfig(_Frozen):
         SCORE_CHUNK_TOKENS, ge=16, description="Positions per chunk of the scoring head, bounding its fp32 logits to chunk x vocab."
     )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Measure the held-out loss (eval/loss, eval/ppl: mean NLL over the held-out rows' response "
+        "tokens, no grad, chunked like scoring) every N optimizer steps. It is always measured at the end when the "
+        "data has a held-out split (data.eval_rows or data.eval_source); null: at the end only.",
+    )
+    log_with: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="accelerate trackers that receive every logged step's metrics beside metrics.jsonl, e.g. "
+        "[tensorboard] (written under training.output_dir) or [wandb]; each needs its package installed. MLflow is "
+        "the pipeline's own record and is not among them.",
+    )
     accelerate_config: str | None = Field(
         None, description="An accelerate config file (DDP/FSDP/DeepSpeed) used by `accelerate launch`."
     )
@@ -324,6 +362,11 @@ class ExperimentConfig(_YamlFile):
                     f"pool of {pool} samples at pruning.sample_ratio={self.pruning.sample_ratio} keeps every row; "
                     "use a larger pool (pruning.selection_batch_size) or a smaller ratio"
                 )
+        if self.training.eval_every_steps is not None and not self.data.has_heldout:
+            problems.append(
+                f"training.eval_every_steps={self.training.eval_every_steps} needs a held-out split; set data.eval_rows "
+                "(e.g. 16) or data.eval_source, or remove training.eval_every_steps"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -520,29 +563,49 @@ class PipelineConfig(_Frozen):
     )
     experiment_name: str = Field("qtuning", min_length=1, description="MLflow experiment the runs are filed under.")
     progress: bool = Field(True, description="Progress bars on the terminal (training, scoring, evaluation).")
+    log_model: bool = Field(
+        False,
+        description="Also log each arm's final model to its MLflow run (mlflow.transformers.log_model: a copy of the "
+        "weights in the artifact store, ~500 MB for SmolLM2-135M). Off: the run records the checkpoint's path.",
+    )
+    register_best: bool = Field(
+        False,
+        description="Register the comparison's best trained arm (highest benchmark average, then lowest held-out loss) "
+        "in the MLflow model registry as '<comparison name>-best' (mlflow.register_model); needs pipeline.log_model.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
+        problems = []
         if self.num_processes > 1 and self.launcher == "python":
-            raise ValueError(
+            problems.append(
                 f"pipeline.num_processes={self.num_processes} needs pipeline.launcher: accelerate "
                 "(python -m qtuning.train runs one process)"
             )
+        if self.register_best and not self.log_model:
+            problems.append(
+                "pipeline.register_best: true registers a logged model; set pipeline.log_model: true as well "
+                "(or register_best: false)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
 class CompareConfig(_YamlFile):
     """A comparison: full-data SFT and pruned arms on the same model, data, steps and evaluation.
 
-    The defaults are the embedded main job (`qtuning run`): SmolLM2-135M-Instruct, 48 ShareGPT rows of at
-    most 256 tokens (6 optimizer steps of 8 rows), full data vs Q-Tuning 25%x50%, 8 items of each of the
-    five benchmarks (GSM8K chains of thought cut at 128 tokens): under 20 minutes on a 2-core CPU.
+    The defaults are the embedded main job (`qtuning run`): SmolLM2-135M-Instruct, 24 ShareGPT rows of at
+    most 256 tokens trained for 2 epochs (6 optimizer steps of 8 rows, so the selection log shows how samples
+    move between quadrants from one epoch to the next) and 16 more rows held out (their loss is measured after
+    each epoch: a quality signal that moves on a run this small), full data vs Q-Tuning 25%x50%, 8 items of
+    each of the five benchmarks (GSM8K chains of thought cut at 128 tokens).
     """
 
     name: str = Field("compare", min_length=1, description="Comparison name (the MLflow parent run).")
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig(limit=48, max_length=256)
-    training: TrainingConfig = TrainingConfig(epochs=1.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
+    data: DataConfig = DataConfig(limit=24, max_length=256, eval_rows=16)
+    training: TrainingConfig = TrainingConfig(epochs=2.0, lr=2e-5, micro_batch_size=8, schedule="cosine", eval_every_steps=3)
     arms: list[ArmConfig] = Field(
         default_factory=_default_arms,
         min_length=1,

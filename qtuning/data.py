@@ -19,7 +19,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ IGNORE_INDEX = -100  # label value the loss ignores (torch.nn.CrossEntropyLoss d
 ROLES = ("system", "user", "assistant")
 _MAX_REPORTED = 10  # bad rows listed in one DataError
 _TOKENIZE_CHUNK = 256  # rows rendered and tokenized per batched tokenizer call
+HELDOUT_DIR = "heldout"  # SFTData.save: the held-out rows' sub-folder
 
 Messages = list[dict[str, str]]
 
@@ -74,6 +75,7 @@ class LoadedRows:
     skipped: dict[str, int]
     source: str  # the resolved source: a file path or a hub id
     format: str = ""  # the format the rows were read as (data.format, or what auto recognised)
+    heldout: list[Example] = field(default_factory=list)  # data.eval_rows / data.eval_source: never trained on
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class SFTData:
     """A tokenized SFT set: written once (``save``), read by every later step (``load``), never tokenized again.
 
     ``dataset`` columns: ``sample_id`` (str), ``input_ids`` and ``labels`` (list[int], labels -100 off the
-    response), ``length`` (tokens) and ``response_length`` (labelled tokens).
+    response), ``length`` (tokens) and ``response_length`` (labelled tokens). ``heldout``: the rows held out of
+    training (``data.eval_rows`` / ``data.eval_source``), same columns, saved in the ``heldout/`` sub-folder;
+    ``select_ids`` keeps it whole, so every arm of a comparison measures the same held-out rows.
     """
 
     dataset: datasets.Dataset
@@ -90,6 +94,7 @@ class SFTData:
     source: str  # the resolved source: a file path or a hub id
     config: DataConfig  # what it was built from (``subset`` is applied later, by ``select_ids``)
     format: str = ""  # the format the rows were read as (data.format, or what auto recognised)
+    heldout: datasets.Dataset | None = None  # rows held out of training: the held-out loss (None: no split)
 
     META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, source, config, format
 
@@ -97,7 +102,9 @@ class SFTData:
         """The dataset's arrow files and ``sft_data.json`` into the folder `path` (created; its content replaced)."""
         path = Path(path)
         self.dataset.save_to_disk(str(path))
-        meta = {"fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
+        if self.heldout is not None:
+            self.heldout.save_to_disk(str(path / HELDOUT_DIR))
+        meta = {"heldout_rows": len(self.heldout) if self.heldout is not None else 0, "fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
                 "config": self.config.model_dump(mode="json"), "format": self.format}
         (path / self.META).write_text(json.dumps(meta, indent=2))
         return path
@@ -110,8 +117,9 @@ class SFTData:
         if not meta_path.is_file():
             raise DataError(f"{path}: not a tokenized qtuning data set (no {cls.META}); prepare it with qtuning.data")
         meta = json.loads(meta_path.read_text())
+        heldout = datasets.load_from_disk(str(path / HELDOUT_DIR)) if (path / HELDOUT_DIR).is_dir() else None
         return cls(datasets.load_from_disk(str(path)), meta["fingerprint"], meta["skipped"], meta["source"],
-                   DataConfig.model_validate(meta["config"]), meta.get("format", ""))
+                   DataConfig.model_validate(meta["config"]), meta.get("format", ""), heldout=heldout)
 
     def select_ids(self, ids_file: str | Path) -> SFTData:
         """The rows whose sample_id is listed in `ids_file` (one per line), in the data set's order.
@@ -129,7 +137,8 @@ class SFTData:
                             "the subset file belongs to another data set")
         rows = sorted(position[sid] for sid in set(wanted))
         digest = hashlib.sha256((self.fingerprint + "\n" + "\n".join(sorted(set(wanted)))).encode()).hexdigest()
-        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config, self.format)
+        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config, self.format,
+                       heldout=self.heldout)
 
 
 # ---- reading and validating -------------------------------------------------------------------------------
@@ -207,10 +216,33 @@ def load_rows(cfg: DataConfig, log: Callable[[str], None] | None = None) -> Load
         )
     if not examples:
         raise DataError(f"{name}: no usable rows (skipped: {dict(skipped) or 'none'})")
+    examples, heldout = _split(examples, cfg, name)
+    if cfg.eval_source is not None:  # held-out rows from their own file, read like the training rows
+        held_cfg = cfg.model_copy(update={"source": cfg.eval_source, "eval_source": None, "eval_rows": 0,
+                                          "limit": cfg.eval_rows or None, "subset": None})
+        heldout = load_rows(held_cfg, log).examples
+    return LoadedRows(examples, dict(skipped), str(src), fmt or cfg.format, heldout)
+
+
+def _split(examples: list[Example], cfg: DataConfig, name: str) -> tuple[list[Example], list[Example]]:
+    """(training rows, held-out rows). The seeded shuffle (data.seed) orders the rows; the last ``eval_rows`` of it
+    are held out (so they never meet the first ``limit``, whatever ``limit`` is) and training takes the first
+    ``limit`` of the others, or all of them in source order without ``limit``."""
+    n_hold = cfg.eval_rows if cfg.eval_source is None else 0
+    if cfg.limit is None and not n_hold:
+        return examples, []
+    if n_hold >= len(examples):
+        raise DataError(
+            f"{name}: data.eval_rows={n_hold} would hold out all {len(examples)} usable rows; lower data.eval_rows "
+            "(or use data.eval_source, a separate file of held-out rows)"
+        )
+    shuffled = list(examples)
+    random.Random(cfg.seed).shuffle(shuffled)
+    rest, heldout = shuffled[: len(shuffled) - n_hold], shuffled[len(shuffled) - n_hold :]
     if cfg.limit is not None:
-        random.Random(cfg.seed).shuffle(examples)
-        examples = examples[: cfg.limit]
-    return LoadedRows(examples, dict(skipped), str(src), fmt or cfg.format)
+        return rest[: cfg.limit], heldout
+    held = {ex.sample_id for ex in heldout}
+    return [ex for ex in examples if ex.sample_id not in held], heldout
 
 
 def detect_format(row: Mapping[str, Any], cfg: DataConfig) -> str | None:
@@ -566,8 +598,17 @@ def build_sft_dataset(
             f"{cfg.source}: no row keeps a response token within data.max_length={cfg.max_length}; "
             "raise data.max_length"
         )
+    heldout = None
+    if rows.heldout:  # tokenized like the training rows; a row whose response is cut away cannot be measured
+        held_columns, held_dropped, *_ = tokenize_rows(rows.heldout, tokenizer, cfg.max_length, False, cfg.train_on_prompt)
+        skipped.update({f"held-out: {reason}": n for reason, n in held_dropped.items()})
+        if not held_columns["sample_id"]:
+            raise DataError(f"{cfg.eval_source or cfg.source}: no held-out row keeps a response token within "
+                            f"data.max_length={cfg.max_length}; raise data.max_length")
+        heldout = datasets.Dataset.from_dict(held_columns, features=_FEATURES)
     base = cfg.model_copy(update={"subset": None})
     data = SFTData(
+        heldout=heldout,
         dataset=datasets.Dataset.from_dict(columns, features=_FEATURES),
         fingerprint=fingerprint(base, tokenizer),
         skipped=dict(skipped),
@@ -576,6 +617,18 @@ def build_sft_dataset(
         format=rows.format,
     )
     return data.select_ids(cfg.subset) if cfg.subset else data
+
+
+def write_rows(cfg: DataConfig, ids: Sequence[str], path: str | Path) -> Path:
+    """The rows of `cfg` whose sample ids are in `ids`, as JSON lines a new run reads back as themselves (format
+    auto, each row's id under ``id``: set ``data.id_field: id`` to keep the ids): an exported subset to train on."""
+    wanted = set(ids)
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for ex in load_rows(cfg).examples:
+            if ex.sample_id in wanted:
+                f.write(json.dumps({"id": ex.sample_id, **ex.to_row()}, ensure_ascii=False) + "\n")
+    return path
 
 
 def _stderr(message: str) -> None:
@@ -596,6 +649,10 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
             sort_keys=True,
         ).encode()
     )
+    if cfg.eval_source is not None:  # the held-out file, by content
+        with Path(cfg.eval_source).expanduser().open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     src = resolve_source(cfg.source)
     if isinstance(src, str):
         h.update(datasets.load_dataset(src, split=cfg.split)._fingerprint.encode())

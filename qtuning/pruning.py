@@ -90,6 +90,7 @@ def prune_pool(
 ) -> PoolDecision:
     """Stages 1 and 2 for one pool: which rows train, with which loss weight, and which of their tokens carry loss."""
     sel, excluded = select_samples(stats, cfg, gen)
+    sel.ppl, sel.ent = stats.ppl, stats.ent  # (b,) or None: kept with the decision for the selection log
     budget = None
     if cfg.budget == "equal_tokens":
         budget = qtuning_loss_tokens(stats, labels, nll, attention_mask, cfg)

@@ -13,6 +13,11 @@ else can call them on a scores table or a list of arm results.
   browser (and in MLflow's artifact viewer).
 - `sweep_table(rows)` / `format_sweep_table(table)` / `sweep_figure(table)`: a sweep's arms with the mean and
   spread over seeds of each benchmark and of the average, and the average against the tokens that carried loss.
+- from a run's selection log (`qtuning.selection`, one row per step, pool and sample): `quadrant_transitions(log)`
+  and `migration_figure(log)` (how samples move between quadrants from one epoch to the next: shares per epoch
+  and the transition matrix, e.g. how many Q2 samples became Q3), `eu_plane_at_steps(log, steps)` (the EU plane
+  of the model as it was at those steps) and `kept_ids(log, which)` (the rows a dynamic arm trained on, as a
+  `data.subset` file's ids).
 """
 
 from __future__ import annotations
@@ -210,7 +215,8 @@ def comparison_table(
     Each arm is a mapping with `name`, `scores` ({benchmark: percent}), `average`, `loss_tokens` and
     `loop_seconds`. `baseline` names the full-data arm (default: the arm named 'full', else the first);
     ratio_to_full = average / the baseline's average. Optional, and added as columns when an arm has them:
-    `budget` (the arm's pruning.budget: a `budget` column), `stderr` ({benchmark: lm-eval's standard error,
+    `budget` (the arm's pruning.budget: a `budget` column), `heldout_loss` (mean NLL per response token of the
+    rows held out of training, measured after training: a `heldout_loss` column, lower is better), `stderr` ({benchmark: lm-eval's standard error,
     points}: `<benchmark>_stderr` columns) and `samples` (per-item correctness, see `paired_bootstrap`): when
     the baseline and an arm both have them, `<benchmark>_diff/_lo/_hi` and `diff/diff_lo/diff_hi` (the
     average) and `outside_noise`, the paired bootstrap of the arm minus the baseline, and `items` per benchmark.
@@ -226,6 +232,7 @@ def comparison_table(
     base_avg = float(base["average"])
     with_budget = any(a.get("budget") for a in arms)
     with_stderr = any(a.get("stderr") for a in arms)
+    with_heldout = any(a.get("heldout_loss") is not None for a in arms)
     base_samples = base.get("samples")
     rows = []
     for a in arms:
@@ -243,6 +250,8 @@ def comparison_table(
         row["ratio_to_full"] = avg / base_avg if base_avg else math.nan
         row["loss_tokens"] = int(a.get("loss_tokens") or 0)
         row["loop_seconds"] = float(a.get("loop_seconds") or 0.0)
+        if with_heldout:
+            row["heldout_loss"] = float(a["heldout_loss"]) if a.get("heldout_loss") is not None else math.nan
         if base_samples is not None and a.get("samples") is not None and a["name"] != baseline:
             boot = paired_bootstrap(a["samples"], base_samples, n_resamples=n_resamples, seed=seed)
             for b, r in boot.iterrows():
@@ -328,6 +337,8 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
             return f"{int(v):,}"
         if col == "loop_seconds":
             return f"{v:.1f}"
+        if col == "heldout_loss":
+            return f"{v:.4f}"
         se = table.at[arm, f"{col}_stderr"] if f"{col}_stderr" in table.columns else math.nan
         if isinstance(v, float) and not math.isnan(se):
             return f"{v:.2f} ± {se:.2f}"
@@ -476,3 +487,153 @@ def sweep_figure(table: pd.DataFrame, baseline: str = "full"):
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- the selection log: what the model learned
+QUADRANT_ORDER = (Q1_NOISE, Q2_MISCONCEPTION, Q3_MASTERED, Q4_CALIBRATION, 0)
+
+
+def _short(q: int) -> str:
+    return f"Q{q}" if q else "none"
+
+
+def _triaged(log: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose pool was scored (ppl known): the only ones a quadrant means something for."""
+    return log[log["ppl"].notna()] if "ppl" in log else log.iloc[:0]
+
+
+def quadrant_transitions(log: pd.DataFrame) -> pd.DataFrame:
+    """Samples moving from quadrant a (rows) in one epoch to quadrant b (columns) in the next, summed over every
+    pair of consecutive epochs; quadrants 1..4 and 0 (between the thresholds). A sample seen in only one epoch
+    counts nowhere. Empty (all zeros) for a run without triage or with a single epoch."""
+    t = _triaged(log)
+    per_epoch = t.drop_duplicates(["sample_id", "epoch"], keep="last").pivot(index="sample_id", columns="epoch", values="quadrant")
+    counts = pd.DataFrame(0, index=list(QUADRANT_ORDER), columns=list(QUADRANT_ORDER))
+    epochs = sorted(per_epoch.columns)
+    for a, b in zip(epochs, epochs[1:]):
+        pair = per_epoch[[a, b]].dropna().astype(int)
+        for (qa, qb), n in pair.value_counts().items():
+            counts.loc[qa, qb] += int(n)
+    counts.index.name, counts.columns.name = "from", "to"
+    return counts
+
+
+def migration_figure(log: pd.DataFrame, title: str = "quadrant migration"):
+    """How samples move between the EU plane's quadrants as training goes, from a selection log.
+
+    Left: each epoch's share of the triaged samples in Q1..Q4 (geometric, before fill-in) and between the
+    thresholds, with the share kept. Right: the transition matrix between consecutive epochs (counts; row = the
+    quadrant in one epoch, column = the next), with the Q2 -> Q3 count (misconceptions that became mastered) in
+    the title. Quadrants are relative to each pool's quantiles: a move says where a sample stands among its pool
+    mates under the model of that step.
+
+    Returns (Figure, summary): epochs, samples, transitions (samples seen in two consecutive epochs), q2_to_q3,
+    q2_seen_again (Q2 samples with a next epoch), q3_to_q2.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    t = _triaged(log)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), dpi=110, gridspec_kw={"width_ratios": [1.1, 1]})
+    epochs = sorted(t["epoch"].unique()) if len(t) else []
+    bottom = np.zeros(len(epochs))
+    for q in QUADRANT_ORDER:
+        share = np.array([float((t.loc[t["epoch"] == e, "quadrant"] == q).mean()) for e in epochs]) if epochs else np.zeros(0)
+        name, colour = QUADRANTS[q]
+        left.bar([str(e) for e in epochs], share, bottom=bottom, color=colour, label=name, edgecolor="white")
+        bottom += share
+    for x, e in enumerate(epochs):
+        kept = float(t.loc[t["epoch"] == e, "kept"].mean())
+        left.text(x, 1.01, f"kept {kept:.0%}", ha="center", va="bottom", fontsize=7)
+    left.set_ylim(0, 1.1)
+    left.set_xlabel("epoch")
+    left.set_ylabel("share of the epoch's triaged samples")
+    left.set_title("quadrant shares per epoch", fontsize=9)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+
+    counts = quadrant_transitions(log)
+    total = int(counts.values.sum())
+    q2_next = int(counts.loc[Q2_MISCONCEPTION].sum())
+    summary = {"epochs": len(epochs), "samples": int(t["sample_id"].nunique()) if len(t) else 0, "transitions": total,
+               "q2_to_q3": int(counts.loc[Q2_MISCONCEPTION, Q3_MASTERED]), "q2_seen_again": q2_next,
+               "q3_to_q2": int(counts.loc[Q3_MASTERED, Q2_MISCONCEPTION])}
+    if total:
+        right.imshow(counts.values, cmap="Blues")
+        for i in range(len(QUADRANT_ORDER)):
+            for j in range(len(QUADRANT_ORDER)):
+                v = int(counts.values[i, j])
+                right.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                           color="white" if v > counts.values.max() / 2 else "black")
+        labels = [_short(q) for q in QUADRANT_ORDER]
+        right.set_xticks(range(len(labels)), labels)
+        right.set_yticks(range(len(labels)), labels)
+        right.set_xlabel("quadrant in the next epoch")
+        right.set_ylabel("quadrant in an epoch")
+        right.set_title(f"transitions between consecutive epochs (n={total})\nQ2 -> Q3 (misconception mastered): "
+                        f"{summary['q2_to_q3']} of {q2_next} Q2 samples", fontsize=9)
+    else:
+        right.axis("off")
+        why = "no triage in this run (no quadrants)" if not len(t) else "one epoch: no sample was triaged twice"
+        right.text(0.5, 0.5, f"no transitions\n{why}", ha="center", va="center", fontsize=10, transform=right.transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig, summary
+
+
+def default_steps(log: pd.DataFrame, n: int = 3) -> list[int]:
+    """`n` steps spread over the run (first, middle, last) among those whose pools were scored."""
+    steps = sorted(_triaged(log)["step"].unique())
+    if len(steps) <= n:
+        return [int(s) for s in steps]
+    return [int(steps[round(i * (len(steps) - 1) / (n - 1))]) for i in range(n)]
+
+
+def eu_plane_at_steps(log: pd.DataFrame, steps: Sequence[int] | None = None, title: str = "EU plane during training"):
+    """The EU plane of the model as it was at each of `steps` (default: first, middle, last): one panel per step,
+    the step's pools' samples by PPL and Ent, coloured by quadrant, kept rows as diamonds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    t = _triaged(log)
+    steps = list(steps) if steps is not None else default_steps(log)
+    fig, axes = plt.subplots(1, max(1, len(steps)), figsize=(4.2 * max(1, len(steps)), 4), dpi=110, squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        rows = t[t["step"] == step]
+        for q in QUADRANT_ORDER:
+            name, colour = QUADRANTS[q]
+            in_q = rows[rows["quadrant"] == q]
+            if in_q.empty:
+                continue
+            rest, kept = in_q[~in_q["kept"]], in_q[in_q["kept"]]
+            ax.scatter(rest["ppl"], rest["ent"].clip(lower=1e-6), s=16, c=colour, alpha=0.6, label=f"{_short(q)}: {len(in_q)}")
+            ax.scatter(kept["ppl"], kept["ent"].clip(lower=1e-6), s=30, c=colour, marker="D", edgecolors="black", linewidths=0.7)
+        if len(rows) and rows["ppl"].max() / max(rows["ppl"].min(), 1e-12) >= 3:
+            ax.set_xscale("log")
+        epoch = int(rows["epoch"].iloc[0]) if len(rows) else -1
+        ax.set_title(f"step {step} (epoch {epoch}): {int(rows['kept'].sum())}/{len(rows)} kept", fontsize=9)
+        ax.set_xlabel("PPL")
+        ax.set_ylabel("Ent (nats)")
+        ax.grid(True, which="both", alpha=0.2)
+        if len(rows):
+            ax.legend(fontsize=6, loc="best")
+    if not steps:
+        axes[0][0].axis("off")
+        axes[0][0].text(0.5, 0.5, "no scored pools in this run", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"{title} (diamonds: kept)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def kept_ids(log: pd.DataFrame, which: str = "any") -> list[str]:
+    """The sample ids an arm trained on, in first-seen order: `any` (kept in at least one step) or `last_epoch`
+    (kept in the run's last epoch). Written one per line, they are a `data.subset` file."""
+    if which not in ("any", "last_epoch"):
+        raise ValueError(f"which={which!r}: use 'any' or 'last_epoch'")
+    rows = log[log["kept"]]
+    if which == "last_epoch" and len(log):
+        rows = rows[rows["epoch"] == log["epoch"].max()]
+    return list(dict.fromkeys(rows["sample_id"]))

@@ -70,6 +70,8 @@ class Selection:
     alpha: float = float("nan")
     filled: int = 0  # rows the triage's fill-in added
     fill_in: Tensor = field(default=None)  # (b,) bool, those rows (all False without triage)
+    ppl: Tensor | None = None  # (b,) the sample scores the pool was judged on (set by qtuning.pruning.prune_pool;
+    ent: Tensor | None = None  # None when no rule scored): what the selection log records
 
     def __post_init__(self):
         import torch

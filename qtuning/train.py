@@ -17,8 +17,11 @@ Full-data runs skip step 1. The loss is a sum of token NLLs divided by the
 step's loss-token count, known before the first backward, so gradient
 accumulation over micro-batches equals one large batch exactly.
 
-Everything leaves through `metrics.jsonl` in the output folder and an optional
-`log_fn(metrics, step)` the caller passes in; this module knows no tracker.
+Everything leaves through `metrics.jsonl` in the output folder, `selection.parquet` (what each pool
+decided about each sample: qtuning.selection), the accelerate trackers of `training.log_with`, and an
+optional `log_fn(metrics, step)` the caller passes in; this module knows no other tracker. With a held-out
+split (data.eval_rows / data.eval_source) the held-out loss is measured every `training.eval_every_steps`
+and at the end (`eval/loss`, `eval/ppl`; summary.json's `heldout_loss`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from qtuning.pruning import NonFiniteScores, prune_pool
 from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
 from qtuning.scoring import score_tokens
+from qtuning.selection import SelectionLog, log_rows
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -168,6 +172,78 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Ten
     return loss_sum
 
 
+# --------------------------------------------------------------------------- what the run shows besides the loss
+def heldout_batches(data: SFTData, size: int, pad_id: int, device) -> list[Batch]:
+    """The held-out rows (never trained on) as padded batches of `size`, longest first (less padding)."""
+    if data.heldout is None:
+        return []
+    ids, labels = list(data.heldout["input_ids"]), list(data.heldout["labels"])
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return [collate([ids[i] for i in order[s : s + size]], [labels[i] for i in order[s : s + size]], pad_id).to(device)
+            for s in range(0, len(order), size)]
+
+
+def heldout_metrics(model, batches: list[Batch], cfg: ExperimentConfig) -> dict[str, float]:
+    """eval/loss (mean NLL per held-out response token) and eval/ppl, by the no-grad scoring forward (LM head
+    chunked over positions). Every process measures every row (a few forwards), so no collective is needed."""
+    model.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=batches[0].input_ids.device)
+    n_tokens = torch.zeros((), dtype=torch.long, device=nll_sum.device)
+    for b in batches:
+        scores = score_tokens(model, b.input_ids, b.attention_mask, b.labels, chunk_tokens=cfg.training.score_chunk_tokens)
+        nll_sum += scores.nll.sum().double()
+        n_tokens += scores.response_mask.sum()
+    loss = float(nll_sum / n_tokens.clamp(min=1))  # one host sync
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 80.0)), "eval/tokens": int(n_tokens)}
+
+
+def selection_rows(step: int, pools: list[Pruned], pool_ids: list[int], rows_of: Callable[[int], np.ndarray],
+                   sample_ids: list[str], response_tokens: np.ndarray, pools_per_epoch: int) -> list[dict]:
+    """This process's selection-log rows of one step (qtuning.selection), one per (pool, sample); one host sync."""
+    if not pools:
+        return []
+    loss_tokens = torch.cat([_row_loss_tokens(p) for p in pools]).tolist()
+    rows, k = [], 0
+    for p, i in zip(pools, pool_ids):
+        idx = rows_of(i)
+        rows += log_rows(step, i // pools_per_epoch, i, [sample_ids[r] for r in idx], response_tokens[idx], p.sel,
+                          loss_tokens[k : k + len(idx)])
+        k += len(idx)
+    return rows
+
+
+def _row_loss_tokens(p: Pruned) -> Tensor:
+    """(b,) label tokens each row of the pool trains on after both stages; 0 for dropped rows."""
+    trained = (p.batch.labels[:, 1:] != IGNORE).sum(1)  # one per trained row (kept_rows) or per pool row (masked)
+    keep = p.sel.keep.to(trained.device)
+    if len(trained) == len(keep):
+        return trained * keep
+    return torch.zeros(len(keep), dtype=trained.dtype, device=trained.device).masked_scatter(keep, trained)
+
+
+def with_trackers(accelerator, cfg: ExperimentConfig, log_fn: LogFn | None) -> LogFn | None:
+    """`log_fn` that also sends each logged step to the accelerate trackers of training.log_with (started here)."""
+    if not cfg.training.log_with:
+        return log_fn
+    from accelerate.utils import get_available_trackers
+
+    available = {str(x) for x in get_available_trackers()}
+    missing = [name for name in cfg.training.log_with if name not in available]
+    if missing:
+        raise ValueError(f"training.log_with: {', '.join(missing)} not installed here; pip install {' '.join(missing)} "
+                         "or remove them from training.log_with")
+    flat = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for section, fields in cfg.model_dump(mode="json").items() if isinstance(fields, dict) for k, v in fields.items()}
+    accelerator.init_trackers(cfg.name, config=flat)
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        accelerator.log(metrics, step=step)
+        if log_fn:
+            log_fn(metrics, step)
+
+    return log
+
+
 # --------------------------------------------------------------------------- state and checkpoints
 @dataclass
 class TrainState:
@@ -246,7 +322,8 @@ def train(
 
     wall_start = time.perf_counter()
     t, out = cfg.training, Path(cfg.training.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False,
+                              log_with=t.log_with or None, project_dir=str(out))
     set_seed(t.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -278,6 +355,13 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
     metrics_file = _MetricsFile(out / "metrics.jsonl", keep_until=state.step) if accelerator.is_main_process else None
+    selection = SelectionLog(out, rank, accelerator.is_main_process, keep_until=state.step)
+    accelerator.wait_for_everyone()  # the main process has trimmed the selection log before anyone appends
+    log_fn = with_trackers(accelerator, cfg, log_fn)
+    sample_ids = list(data.dataset["sample_id"])
+    response_tokens = np.asarray(data.dataset["response_length"]) - np.asarray([l[0] != IGNORE for l in all_labels])
+    heldout = heldout_batches(data, t.micro_batch_size, tokenizer.pad_token_id, device)
+    eval_metrics: dict[str, float] = {}
 
     epoch_pools: dict[int, list[np.ndarray]] = {}
 
@@ -369,7 +453,13 @@ def train(
             metrics["prune/q2_token_keep"] = q2_after / q2_before
         if cfg.pruning.budget == "equal_tokens":
             metrics["prune/budget_tokens"] = counts["budget_tokens"]
-        if state.step % t.log_every_steps == 0 or state.step == total_steps:
+        pool_ids = [state.pools_done - (len(pools) - k) * world + rank for k in range(len(pools))]
+        selection.record(selection_rows(state.step, pools, pool_ids, pool_rows, sample_ids, response_tokens, pools_per_epoch))
+        if heldout and (state.step == total_steps or (t.eval_every_steps and state.step % t.eval_every_steps == 0)):
+            with accelerator.autocast():
+                eval_metrics = heldout_metrics(accelerator.unwrap_model(model), heldout, cfg)
+            metrics.update(eval_metrics)
+        if state.step % t.log_every_steps == 0 or state.step == total_steps or "eval/loss" in metrics:
             if metrics_file:
                 metrics_file.write(state.step, metrics)
             if log_fn and accelerator.is_main_process:
@@ -381,6 +471,10 @@ def train(
     bar.close()
 
     accelerator.wait_for_everyone()
+    selection.close()
+    if heldout and not eval_metrics:  # resumed at the end: nothing ran, measure once
+        with accelerator.autocast():
+            eval_metrics = heldout_metrics(accelerator.unwrap_model(model), heldout, cfg)
     summary = {
         "optimizer_steps": state.step,
         "final_loss": summary_loss,
@@ -398,6 +492,8 @@ def train(
         "data_skipped": data.skipped,
         "final_dir": str(out / "final"),
         "world_size": world,
+        **({"heldout_loss": eval_metrics["eval/loss"], "heldout_ppl": eval_metrics["eval/ppl"],
+            "heldout_rows": len(data.heldout), "heldout_tokens": eval_metrics["eval/tokens"]} if eval_metrics else {}),
     }
     if accelerator.is_main_process:
         if save:
