@@ -221,17 +221,21 @@ def _row_loss_tokens(p: Pruned) -> Tensor:
     return torch.zeros(len(keep), dtype=trained.dtype, device=trained.device).masked_scatter(keep, trained)
 
 
+def check_trackers(t: TrainingConfig) -> None:
+    """Refuse, before anything loads, trackers of training.log_with whose package is missing (accelerate would
+    drop them silently)."""
+    import accelerate.utils
+
+    missing = [name for name in t.log_with if not getattr(accelerate.utils, f"is_{name}_available")()]
+    if missing:
+        raise ValueError(f"training.log_with: {', '.join(missing)} not installed here; pip install {' '.join(missing)} "
+                         "or remove them from training.log_with")
+
+
 def with_trackers(accelerator, cfg: ExperimentConfig, log_fn: LogFn | None) -> LogFn | None:
     """`log_fn` that also sends each logged step to the accelerate trackers of training.log_with (started here)."""
     if not cfg.training.log_with:
         return log_fn
-    from accelerate.utils import get_available_trackers
-
-    available = {str(x) for x in get_available_trackers()}
-    missing = [name for name in cfg.training.log_with if name not in available]
-    if missing:
-        raise ValueError(f"training.log_with: {', '.join(missing)} not installed here; pip install {' '.join(missing)} "
-                         "or remove them from training.log_with")
     flat = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
             for section, fields in cfg.model_dump(mode="json").items() if isinstance(fields, dict) for k, v in fields.items()}
     accelerator.init_trackers(cfg.name, config=flat)
@@ -322,6 +326,7 @@ def train(
 
     wall_start = time.perf_counter()
     t, out = cfg.training, Path(cfg.training.output_dir)
+    check_trackers(t)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False,
                               log_with=t.log_with or None, project_dir=str(out))
     set_seed(t.seed)
