@@ -190,6 +190,11 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert summary["optimizer_steps"] == 2
     assert summary["samples_seen"] == 2 * summary["data_rows"]  # every row seen once per epoch, across both ranks
     assert Path(summary["final_dir"], "config.json").exists()
+    from qtuning.selection import read_selection
+
+    log = read_selection(cfg.training.output_dir)  # both processes' pools, each sample once per (step, pool)
+    assert len(log) == summary["samples_seen"] and not log.duplicated(["step", "pool", "sample_id"]).any()
+    assert sorted(log["pool"].unique()) == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- issue 10
