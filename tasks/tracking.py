@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -222,32 +223,87 @@ def log_dataset(ref: RunRef, df, name: str, source: str, context: str, digest: s
     import warnings
 
     import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36] if digest else None)
-        entity = ds._to_mlflow_entity()
+        entity = Dataset(**ds.to_dict())  # the documented entity of a dataset's dict (name, digest, source, schema, ...)
     ref.client.log_inputs(ref.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+# --------------------------------------------------------------------------- MLflow's fluent API, on an existing run
+_FLUENT_URI = threading.Lock()  # MLflow's fluent API reads one process-wide tracking URI
+
+
+@contextlib.contextmanager
+def fluent_run(ref: RunRef, log_system_metrics: bool = False) -> Iterator[None]:
+    """`mlflow.start_run(run_id=...)` on an existing run, for the documented functions that log to the active run
+    only (system metrics, `mlflow.transformers.log_model`). The active run is thread-local: call this in the
+    thread that needs it (system metrics use a dedicated one). MLflow's process-wide tracking URI is set to the
+    run's for the start and the end (every other call here names its URI explicitly). The run stays RUNNING: its
+    end belongs to `run_status`."""
+    import mlflow
+
+    with _FLUENT_URI:
+        mlflow.set_tracking_uri(ref.tracking_uri)
+        mlflow.start_run(run_id=ref.run_id, log_system_metrics=log_system_metrics)
+    try:
+        yield
+    finally:
+        with _FLUENT_URI:
+            mlflow.set_tracking_uri(ref.tracking_uri)
+            mlflow.end_run(status="RUNNING")  # stops the system metrics monitor; the run's status is left as it was
 
 
 @contextlib.contextmanager
 def system_metrics(ref: RunRef | None, interval_s: float = 5.0) -> Iterator[None]:
-    """MLflow's system metrics (CPU, memory, GPU when present) sampled into `ref` while the block runs."""
+    """MLflow's system metrics (CPU, memory, GPU when present) sampled into `ref` while the block runs, by the public
+    `mlflow.start_run(run_id=..., log_system_metrics=True)` in a dedicated thread (its active run stays there)."""
     if ref is None:
         yield
         return
     import logging
 
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    import mlflow.system_metrics
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(ref.run_id, sampling_interval=interval_s, samples_before_logging=1, tracking_uri=ref.tracking_uri)
-    monitor.start()
+    mlflow.system_metrics.set_system_metrics_sampling_interval(interval_s)
+    started, stop = threading.Event(), threading.Event()
+
+    def monitor() -> None:
+        try:
+            with fluent_run(ref, log_system_metrics=True):
+                started.set()
+                stop.wait()
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=monitor, name=f"system-metrics-{ref.run_id[:8]}", daemon=True)
+    thread.start()
+    started.wait(timeout=60)
     try:
         yield
     finally:
-        monitor.finish()
+        stop.set()
+        thread.join(timeout=60)
+
+
+def ui_url(ref: RunRef) -> str:
+    """Where a person opens the run: its page in the MLflow UI when the store is a server, else the store's file."""
+    if ref.tracking_uri.startswith(("http://", "https://")):
+        return f"{ref.tracking_uri.rstrip('/')}/#/experiments/{ref.experiment_id}/runs/{ref.run_id}"
+    if ref.tracking_uri.startswith("sqlite:///"):
+        return Path(unquote(ref.tracking_uri[len("sqlite:///") :])).resolve().as_uri()
+    return ref.tracking_uri
+
+
+def artifact_location(ref: RunRef, path: str) -> str:
+    """An artifact of the run as a person can open it: its URL in the UI (server stores), else its file URI."""
+    if ref.tracking_uri.startswith(("http://", "https://")):
+        return f"{ui_url(ref)}/artifacts/{path}"
+    root = ref.client.get_run(ref.run_id).info.artifact_uri
+    return f"{root.rstrip('/')}/{path}"
 
 
 def metric_steps(ref: RunRef, key: str) -> set[int]:
