@@ -17,6 +17,7 @@ from flows.experiment import experiment, zero_shot
 from tasks.comparison import compare_arms
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.records import ComparisonResult
+from tasks.registry import register_best
 from tasks.runs import open_run
 from tasks.scoring import log_scores, score_eu
 from tasks.tracking import run_status
@@ -37,4 +38,7 @@ def compare(config: CompareConfig = CompareConfig()) -> ComparisonResult:
                 for arm in config.arms]
         if pipeline.zero_shot:
             arms.insert(0, zero_shot(config.model, config.evaluation, pipeline, parent))
-        return compare_arms(parent, arms, baseline=config.baseline_arm.name)
+        result = compare_arms(parent, arms, baseline=config.baseline_arm.name)
+        if pipeline.register_best:
+            register_best(parent, arms)
+        return result

@@ -17,8 +17,10 @@ from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.evaluation import evaluate, log_evaluation
 from tasks.pruning import log_plan, prune
 from tasks.records import ArmResult
+from tasks.registry import log_model
 from tasks.runs import open_run
 from tasks.scoring import score_eu
+from tasks.selection import log_selection
 from tasks.tracking import RunRef, run_status
 from tasks.training import log_training, train_arm
 
@@ -43,6 +45,9 @@ def experiment(
         log_plan(run, plan)
         trained = train_arm.with_options(retries=pipeline.train_retries)(plan.experiment, data, run, pipeline)
         log_training(run, trained)
+        log_selection(run, trained, plan.experiment, mode)
+        if pipeline.log_model:
+            log_model(run, trained)
         evaluated = evaluate(trained.final_dir, evaluation, pipeline)
         log_evaluation(run, evaluated, evaluation)
         return arm_result(config.name, run, evaluated, trained)

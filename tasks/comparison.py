@@ -1,16 +1,21 @@
-"""The tables that end a flow: a comparison's arms side by side, a sweep's arms with their spread over seeds."""
+"""The tables that end a flow: a comparison's arms side by side, a sweep's arms with their spread over seeds.
+
+Besides MLflow, the comparison leaves three Prefect artifacts on the flow run: the table, a link to the MLflow
+parent run (its UI page when the store is a server, else the store's file) and the pruned arms' migration figures.
+"""
 
 from __future__ import annotations
 
 import math
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from qtuning.report import comparison_table, format_sweep_table, format_table, sweep_figure, sweep_table
 from tasks.records import ArmResult, ComparisonResult, EvalRecord, SweepResult, TrainRecord
-from tasks.tracking import RunRef, log_metrics, log_text, set_tags, tmp_artifact, ui_command
+from tasks.selection import prefect_key
+from tasks.tracking import RunRef, artifact_location, log_metrics, log_text, set_tags, tmp_artifact, ui_command, ui_url
 
 
 @task(name="arm_result", cache_policy=NO_CACHE)
@@ -36,6 +41,10 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
         eval_samples_path=evaluated.samples_path,
         stderr=stderr,
         budget=pruning.budget if pruning is not None and not pruning.is_full_data else None,
+        heldout_loss=trained.summary.get("heldout_loss") if trained else None,
+        selection_path=str(Path(trained.output_dir) / "selection.parquet")
+        if trained and (Path(trained.output_dir) / "selection.parquet").exists() else None,
+        model_uri=run.client.get_run(run.run_id).data.tags.get("qtuning.model_uri"),
     )
 
 
@@ -58,6 +67,9 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
         row.update(stderr=dict(a.stderr), budget=a.budget, **diffs)
         if "outside_noise" in table.columns and diffs.get("diff") is not None:
             row["outside_noise"] = bool(r["outside_noise"])
+        if a.heldout_loss is not None:
+            row["heldout_loss"] = a.heldout_loss
+            log_metrics(parent, {f"compare/{a.name}/heldout_loss": a.heldout_loss})
         log_metrics(parent, {f"compare/{a.name}/average": a.average, f"compare/{a.name}/ratio_to_full": row["ratio_to_full"] or math.nan,
                              f"compare/{a.name}/loss_tokens": a.loss_tokens, f"compare/{a.name}/loop_seconds": a.loop_seconds,
                              **{f"compare/{a.name}/{b}": s for b, s in a.scores.items()},
@@ -68,10 +80,48 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
     log_text(parent, markdown + "\n", "comparison/table.md")
     parent.client.log_table(parent.run_id, data=table.reset_index(), artifact_file="comparison/table.json")
     set_tags(parent, {"mlflow.note.content": f"Comparison of {len(arms)} arms (baseline: {baseline})\n\n{markdown}"})
+    figures = _migration_figures(parent, arms)
+    create_table_artifact(key=prefect_key("comparison", parent.name), table=_table_rows(table),
+                          description=f"{parent.name}: arms side by side (baseline {baseline})")
+    create_link_artifact(key=prefect_key("mlflow", parent.name), link=ui_url(parent),
+                         link_text=f"MLflow parent run {parent.run_id} ({parent.name})",
+                         description="the comparison in MLflow: table, EU planes, migration figures, the arms' runs")
+    if figures:
+        create_markdown_artifact(
+            key=prefect_key("migration", parent.name), description=f"{parent.name}: quadrant migration of the pruned arms",
+            markdown="\n".join(f"- {arm}: [{f}]({artifact_location(parent, f)})" for arm, f in figures))
     return ComparisonResult(
         name=parent.name, parent_run_id=parent.run_id, experiment_id=parent.experiment_id, tracking_uri=parent.tracking_uri,
         ui_command=ui_command(parent.tracking_uri), arms=rows, table=text, table_markdown=markdown,
     )
+
+
+def _migration_figures(parent: RunRef, arms: list[ArmResult]) -> list[tuple[str, str]]:
+    """Each triaged arm's quadrant migration figure, on the parent run too (selection/<arm>/migration.png)."""
+    import pandas as pd
+
+    from qtuning.report import migration_figure
+    from tasks.selection import save_figure
+
+    out = []
+    for a in arms:
+        if not a.selection_path:
+            continue
+        log = pd.read_parquet(a.selection_path)
+        if not ((log["quadrant"] > 0) & log["ppl"].notna()).any():
+            continue
+        fig, summary = migration_figure(log, title=f"{a.name}: how samples move between quadrants")
+        name = f"selection/{a.name}/migration.png"
+        tmp_artifact(parent, name, lambda p: save_figure(fig, p))
+        log_metrics(parent, {f"compare/{a.name}/q2_to_q3": summary["q2_to_q3"]})
+        out.append((a.name, name))
+    return out
+
+
+def _table_rows(table) -> list[dict]:
+    """The comparison table as Prefect table rows (numbers rounded, NaN as None)."""
+    rows = table.reset_index().round(4).to_dict(orient="records")
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
 
 
 def _samples(path: str | None):

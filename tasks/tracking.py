@@ -233,7 +233,7 @@ def log_dataset(ref: RunRef, df, name: str, source: str, context: str, digest: s
 
 
 # --------------------------------------------------------------------------- MLflow's fluent API, on an existing run
-_FLUENT_URI = threading.Lock()  # MLflow's fluent API reads one process-wide tracking URI
+FLUENT_URI_LOCK = threading.Lock()  # MLflow's fluent API reads one process-wide tracking URI
 
 
 @contextlib.contextmanager
@@ -245,13 +245,13 @@ def fluent_run(ref: RunRef, log_system_metrics: bool = False) -> Iterator[None]:
     end belongs to `run_status`."""
     import mlflow
 
-    with _FLUENT_URI:
+    with FLUENT_URI_LOCK:
         mlflow.set_tracking_uri(ref.tracking_uri)
         mlflow.start_run(run_id=ref.run_id, log_system_metrics=log_system_metrics)
     try:
         yield
     finally:
-        with _FLUENT_URI:
+        with FLUENT_URI_LOCK:
             mlflow.set_tracking_uri(ref.tracking_uri)
             mlflow.end_run(status="RUNNING")  # stops the system metrics monitor; the run's status is left as it was
 
