@@ -78,6 +78,7 @@ def prepare_data(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig,
         skipped=sft.skipped,
         tokens=int(sum(lengths)),
         response_tokens=int(sum(responses)),
+        heldout_rows=len(sft.heldout) if sft.heldout is not None else 0,
         seconds=time.perf_counter() - start,
     )
     log.info(f"{record.rows} rows, {record.tokens:,} tokens ({record.response_tokens:,} response) -> {path}; skipped {sft.skipped or 'none'}")
@@ -94,6 +95,6 @@ def log_data(run: RunRef, record: DataRecord, context: str = "train") -> None:
     log_dataset(run, ds.to_pandas(), name=name, source=record.source, context=context, digest=record.fingerprint)
     log_params(run, {"data.fingerprint": record.fingerprint, "data.rows": record.rows})
     log_metrics(run, {"data/rows": record.rows, "data/tokens": record.tokens, "data/response_tokens": record.response_tokens,
-                      "data/skipped": sum(record.skipped.values())})
+                      "data/skipped": sum(record.skipped.values()), "data/heldout_rows": record.heldout_rows})
     if record.skipped:
         run.client.log_dict(run.run_id, record.skipped, "data/skipped.json")

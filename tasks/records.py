@@ -32,6 +32,7 @@ class DataRecord(Record):
     skipped: dict[str, int] = {}
     tokens: int
     response_tokens: int
+    heldout_rows: int = 0  # rows held out of training (data.eval_rows / data.eval_source), in dataset/heldout/
     seconds: float
 
 

@@ -115,12 +115,13 @@ def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pi
     reader.start()
     logged = metric_steps(run, "train/loss") if run else set()
     metrics_file = out / "metrics.jsonl"
+    progress = TrainingProgress(cfg, data, pipeline)
     try:
         with system_metrics(run):
             while proc.poll() is None:
                 time.sleep(1.0)
                 if run:
-                    _sync_metrics(run, metrics_file, logged)
+                    _sync_metrics(run, metrics_file, logged, progress.update)
     finally:  # interrupted (Ctrl-C, SIGTERM, a Prefect timeout): do not leave the trainer running
         if proc.poll() is None:
             proc.terminate()
@@ -176,8 +177,35 @@ def _stream(proc: subprocess.Popen, log, tail: deque, echo_progress: bool) -> No
         sys.stderr.write("\n")
 
 
-def _sync_metrics(run: RunRef, path: Path, logged: set[int]) -> None:
-    """Log the steps of metrics.jsonl that the run does not have yet (live during training, or a replay)."""
+class TrainingProgress:
+    """A Prefect progress artifact of the training, from 0 to 100% of its optimizer steps, updated as metrics.jsonl
+    grows (prefect.artifacts.create_progress_artifact / update_progress_artifact)."""
+
+    def __init__(self, cfg: ExperimentConfig, data: DataRecord, pipeline: PipelineConfig):
+        from prefect.artifacts import create_progress_artifact
+
+        from qtuning.train import plan_steps
+        from tasks.selection import prefect_key
+
+        rows = data.rows
+        if cfg.data.subset:  # a static arm trains on the kept ids only
+            rows = sum(1 for line in Path(cfg.data.subset).read_text().splitlines() if line.strip())
+        self.total = max(1, plan_steps(rows, cfg, pipeline.num_processes)[2])
+        self.done = 0
+        self.id = create_progress_artifact(progress=0.0, key=prefect_key("training", cfg.name),
+                                           description=f"{cfg.name}: optimizer steps done of {self.total}")
+
+    def update(self, step: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if step > self.done:
+            self.done = step
+            update_progress_artifact(self.id, progress=100.0 * min(step, self.total) / self.total)
+
+
+def _sync_metrics(run: RunRef, path: Path, logged: set[int], on_step=None) -> None:
+    """Log the steps of metrics.jsonl that the run does not have yet (live during training, or a replay); `on_step`
+    hears the last step seen."""
     if not path.exists():
         return
     for line in path.read_text().splitlines():
@@ -192,6 +220,8 @@ def _sync_metrics(run: RunRef, path: Path, logged: set[int]) -> None:
             continue
         log_metrics(run, {k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         logged.add(step)
+        if on_step is not None:
+            on_step(step)
 
 
 @task(name="log_training", cache_policy=NO_CACHE)
@@ -208,6 +238,7 @@ def log_training(run: RunRef, record: TrainRecord) -> None:
         "summary/loop_seconds": s["loop_seconds"], "summary/score_seconds": s["score_seconds"],
         "summary/learn_seconds": s["learn_seconds"], "summary/wall_seconds": s["wall_seconds"],
         "summary/task_seconds": record.wall_seconds,
+        **{f"summary/{k}": s[k] for k in ("heldout_loss", "heldout_ppl", "heldout_rows") if k in s},
     })
     for name in ("config.yaml", "summary.json", "metrics.jsonl"):
         path = Path(record.output_dir) / name

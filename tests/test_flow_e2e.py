@@ -51,7 +51,7 @@ def config(tmp_path_factory) -> CompareConfig:
     return CompareConfig(
         name="e2e",
         model=tiny_model_config(),
-        data=DataConfig(source="arc", limit=16, max_length=96),
+        data=DataConfig(source="arc", limit=16, max_length=96, eval_rows=4),
         training=TrainingConfig(micro_batch_size=8, lr=1e-3, epochs=1.0),
         evaluation=EvalConfig(limit=1, max_gen_toks=4, max_gen_toks_short=4, num_fewshot_gsm8k=1, batch_size=4),
         pipeline=PipelineConfig(runs_dir=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db", progress=False,
@@ -104,6 +104,10 @@ def test_first_comparison_fills_mlflow(first, config, mlflow_client):
     full_avg = parent.data.metrics["compare/full/average"]  # a tiny random model may well score 0 everywhere
     assert parent.data.metrics["compare/full/ratio_to_full"] == (pytest.approx(1.0) if full_avg else pytest.approx(math.nan, nan_ok=True))
     assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["arc"]
+    # issue 9: the held-out loss of each arm and the pruned arm's quadrant migration figure, on the parent run
+    assert {"compare/full/heldout_loss", "compare/qtuning-25x50/heldout_loss"} <= set(parent.data.metrics)
+    assert all(parent.data.metrics[f"compare/{a}/heldout_loss"] > 0 for a in ("full", "qtuning-25x50"))
+    assert "selection/qtuning-25x50/migration.png" in artifacts(mlflow_client, parent.info.run_id)
 
     runs = children(mlflow_client, first.parent_run_id)
     assert set(runs) == {"full", "qtuning-25x50"}
@@ -127,6 +131,12 @@ def test_first_comparison_fills_mlflow(first, config, mlflow_client):
     assert qt["prune/kept_samples"] == pytest.approx(2 / 8, abs=0.1)
     assert "prune/alpha" in qt and qt["train/loss_tokens"] < runs["full"].data.metrics["train/loss_tokens"]
     assert "pruning/pruned_tokens.html" in artifacts(mlflow_client, runs["qtuning-25x50"].info.run_id)
+    # issue 9: what each arm learned, per sample; the held-out loss at the end of training
+    assert "selection/selection.parquet" in artifacts(mlflow_client, runs["full"].info.run_id)
+    assert {"selection/selection.parquet", "selection/migration.png", "selection/eu_plane_steps.png",
+            "selection/kept_ids.txt", "selection/kept_rows.jsonl"} <= artifacts(mlflow_client, runs["qtuning-25x50"].info.run_id)
+    for run in runs.values():
+        assert run.data.metrics["summary/heldout_rows"] >= 1 and "eval/loss" in run.data.metrics
 
 
 def test_first_comparison_table(first):
@@ -142,7 +152,8 @@ def test_first_comparison_table(first):
     # issue 10: the arm's budget, each score with lm-eval's standard error, the difference to full with its
     # interval (paired bootstrap on the logged items), and notes on what one item per benchmark can separate
     assert header[: 2 + len(BENCHMARKS)] == ["arm", "budget", *BENCHMARKS]
-    assert header[-3:] == ["ratio_to_full", "loss_tokens", "loop_seconds"]
+    assert header[-4:] == ["ratio_to_full", "loss_tokens", "loop_seconds", "heldout_loss"]
+    assert all(row["heldout_loss"] > 0 for row in rows.values())
     assert "1 item per benchmark" in first.table and "too few to separate the arms" in first.table
     assert rows["qtuning-25x50"]["budget"] == "own" and "diff_lo" in rows["qtuning-25x50"]
     assert first.ui_command.startswith("mlflow ui --backend-store-uri sqlite:///")
