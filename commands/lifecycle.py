@@ -39,7 +39,7 @@ def check_data(data: DataConfig, prog: str) -> int | None:
     from qtuning.data import DataError, load_rows
 
     try:
-        rows = load_rows(data, log=lambda line: print(line, file=sys.stderr))
+        rows = load_rows(data)
     except DataError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
