@@ -275,15 +275,20 @@ class StopRequest:
             threading.Thread(target=self._watch, args=(int(pid),), daemon=True, name="parent-watch").start()
 
     def _watch(self, pid: int, every_s: float = 1.0) -> None:
+        import psutil
+
+        try:
+            parent = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            parent = None
         while not self:
             try:
-                os.kill(pid, 0)  # is the pipeline process still there?
-            except ProcessLookupError:
+                gone = parent is None or not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:  # killed outright (kill -9): nobody will read our output or stop us
                 self.request(signal.SIGTERM, f"the process that started training ({pid}) is gone")
                 print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
-                return
-            except PermissionError:  # the pid was reused by another user's process: ours is gone too
-                self.request(signal.SIGTERM, f"the process that started training ({pid}) is gone")
                 return
             time.sleep(every_s)
 

@@ -337,6 +337,7 @@ def test_a_trainer_whose_pipeline_is_killed_stops_and_its_run_is_closed_as_orpha
     tree = spawn.watch(proc.pid)
     run_id = next(tmp_path.glob("run-*")).read_text()
     proc.kill()
+    proc.wait(10)  # reaped, as a shell does
     wait_for("the trainer to stop after its parent died", lambda: not alive(tree), 60)
     assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
@@ -484,6 +485,7 @@ def test_kill_9_of_qtuning_run_leaves_no_orphan_process_or_running_run(tmp_path,
     tree = spawn.watch(proc.pid)
     assert any("uvicorn" in " ".join(p.cmdline()) for p in tree) and any("qtuning.train" in " ".join(p.cmdline()) for p in tree)
     proc.kill()
+    proc.wait(10)  # reaped, as a shell does
     wait_for("the trainer and the temporary server gone", lambda: not alive(tree), 90)
     wait_for("the runs ended KILLED", lambda: _runs(cfg) == {"faults": "KILLED", "full": "KILLED"}, 60)
     client = MlflowClient(cfg.pipeline.tracking_uri)
