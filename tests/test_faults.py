@@ -388,18 +388,17 @@ def test_identical_runs_started_together_train_an_arm_once(train_task, tmp_path)
     (out,) = list(root.glob("arm-*"))
     assert metric_steps(out / "metrics.jsonl") == list(range(1, 11))
     records = [json.loads(p.read_text()) for p in tmp_path.glob("record-*.json")]
-    assert len(records) == 2 and records[0] == records[1]  # the second is the first's record, read back
-    logs = "".join((tmp_path / f"task-{i}.log").read_text() for i in range(2))
-    assert logs.count("was completed by another run meanwhile; reusing it") == 1
+    assert len(records) == 2 and records[0] == records[1]  # the second is the first's record (its timings too), read back
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path, capfd):
+def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path):
     """A cached stage used to be trusted as long as its files existed: a truncated tokenized data file was reused
     and failed later. Through Prefect's engine: the second call finds the file damaged, says which file, and
     rebuilds the stage."""
     from prefect import flow
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
@@ -420,12 +419,16 @@ def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path,
         size = arrow.stat().st_size
         with arrow.open("r+b") as f:
             f.truncate(size // 2)
-        capfd.readouterr()
         again = prepare()
-        logged = capfd.readouterr()
         assert again.produced_in != first.produced_in  # rebuilt in the second flow run, not a cache hit
         assert arrow.stat().st_size == size
-        assert "cannot be trusted, rebuilding" in logged.err + logged.out and str(arrow) in logged.err + logged.out
+
+        def reported():  # logs reach the API in batches
+            with get_client(sync_client=True) as client:
+                return any("cannot be trusted, rebuilding" in log.message and f"{arrow} is damaged" in log.message
+                           for log in client.read_logs())
+
+        wait_for("the damaged file reported in the flow run's log", reported, 30)
         third = prepare()
         assert third.produced_in == again.produced_in  # and then a cache hit again
 
