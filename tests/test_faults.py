@@ -357,6 +357,7 @@ create_run(sys.argv[1], "race", f"run-{os.getpid()}")
 """
 
 
+@pytest.mark.slow
 def test_two_runs_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path):
     """Two runs started at the same moment on a SQLite store that did not exist raced in its schema creation
     ('table label_schemas already exists'): one died, the store could be left half-migrated. The store is
@@ -365,7 +366,7 @@ def test_two_runs_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path):
 
     script = tmp_path / "race.py"
     script.write_text(RACE)
-    for attempt in range(2):
+    for attempt in range(1):  # the unlocked store failed on every attempt of two
         uri = f"sqlite:///{tmp_path}/store-{attempt}/mlflow.db"
         start_at = str(time.time() + 12)  # after both have imported mlflow
         procs = [subprocess.Popen([PY, str(script), uri, start_at], env=_env(tmp_path), cwd=REPO,
