@@ -7,8 +7,9 @@
     qtuning sweep FILE        a grid of pruning budgets/methods/seeds, full-data baseline included
     qtuning serve             the flows as scheduled Prefect deployments
     qtuning ui                the MLflow UI on the project's store
+    qtuning runs --close-orphans   end KILLED the MLflow runs left RUNNING by processes that are gone
 
-The first three are the library's own entry points (qtuning/); the last four drive the pipeline (flows/, tasks/)
+The first three are the library's own entry points (qtuning/); the others drive the pipeline (flows/, tasks/)
 and need its extra: pip install 'qtuning[pipeline]'.
 """
 
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, bool, str]] = {
     "sweep": ("commands.sweep", True, "run a grid of arms (and seeds) from a SweepConfig YAML as one flow"),
     "serve": ("commands.serve", True, "serve the flows as Prefect deployments on a schedule"),
     "ui": ("commands.ui", True, "start the MLflow UI on the project's tracking store"),
+    "runs": ("commands.runs", True, "runs --close-orphans: end KILLED the MLflow runs whose process is gone"),
 }
 
 

@@ -161,16 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from commands.lifecycle import check_data, guard_run
+
+    if (code := check_data(cfg.data, "qtuning run")) is not None:  # before Prefect, a server or a model
+        return code
 
     from commands.settings import apply_prefect_defaults
 
     apply_prefect_defaults()
     from flows.compare import compare  # Prefect and MLflow load only now
 
+    guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
     start = time.perf_counter()
     print(f"qtuning run: {cfg.name}: {', '.join(a.name for a in cfg.arms)} on {cfg.model.name}, "
           f"{cfg.data.limit or 'all'} rows of {cfg.data.source}, eval limit {cfg.evaluation.limit}", flush=True)
-    result = compare(cfg)  # Prefect turns SIGTERM into an exception: runs end KILLED, a trainer is stopped
+    result = compare(cfg)
     minutes = (time.perf_counter() - start) / 60
     print()
     print(result.table)

@@ -34,11 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {a.name:<40} {p.sample}/{p.token} r_s={p.sample_ratio:g} r_t={p.token_ratio:g} lam={p.lam:g} {a.mode}")
     if args.list:
         return 0
+    from commands.lifecycle import check_data, guard_run
+
+    if (code := check_data(cfg.data, "qtuning sweep")) is not None:  # before Prefect, a server or a model
+        return code
 
     from commands.settings import apply_prefect_defaults
 
     apply_prefect_defaults()  # Prefect's start-up settings, then the flow
     from flows.sweep import sweep
+
+    guard_run(cfg.pipeline.tracking_uri, "qtuning sweep")
 
     start = time.perf_counter()
     result = sweep(cfg)

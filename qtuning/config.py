@@ -311,7 +311,12 @@ class TrainingConfig(_Frozen):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every N optimizer steps (always at the end)."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (oldest deleted).")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk while training (oldest deleted).")
+    keep_checkpoints_after_training: bool = Field(
+        False,
+        description="Keep the resumable checkpoints (weights + optimizer state, ~3x the model each) once the final "
+        "model is written; false frees that space, and a finished run is then not resumable past its end.",
+    )
     group_by_length: bool = Field(
         False, description="Order pools so rows of similar length meet (less padding); changes which rows share a pool."
     )

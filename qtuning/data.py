@@ -94,9 +94,10 @@ class SFTData:
     source: str  # the resolved source: a file path or a hub id
     config: DataConfig  # what it was built from (``subset`` is applied later, by ``select_ids``)
     format: str = ""  # the format the rows were read as (data.format, or what auto recognised)
+    truncated: int = 0  # rows kept but cut to data.max_length (their tail trains nothing)
     heldout: datasets.Dataset | None = None  # rows held out of training: the held-out loss (None: no split)
 
-    META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, source, config, format
+    META = "sft_data.json"  # beside the arrow files: fingerprint, skipped, truncated, source, config, format
 
     def save(self, path: str | Path) -> Path:
         """The dataset's arrow files and ``sft_data.json`` into the folder `path` (created; its content replaced)."""
@@ -104,8 +105,9 @@ class SFTData:
         self.dataset.save_to_disk(str(path))
         if self.heldout is not None:
             self.heldout.save_to_disk(str(path / HELDOUT_DIR))
-        meta = {"heldout_rows": len(self.heldout) if self.heldout is not None else 0, "fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
-                "config": self.config.model_dump(mode="json"), "format": self.format}
+        meta = {"fingerprint": self.fingerprint, "skipped": self.skipped, "source": self.source,
+                "config": self.config.model_dump(mode="json"), "format": self.format, "truncated": self.truncated,
+                "heldout_rows": len(self.heldout) if self.heldout is not None else 0}
         (path / self.META).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -119,7 +121,7 @@ class SFTData:
         meta = json.loads(meta_path.read_text())
         heldout = datasets.load_from_disk(str(path / HELDOUT_DIR)) if (path / HELDOUT_DIR).is_dir() else None
         return cls(datasets.load_from_disk(str(path)), meta["fingerprint"], meta["skipped"], meta["source"],
-                   DataConfig.model_validate(meta["config"]), meta.get("format", ""), heldout=heldout)
+                   DataConfig.model_validate(meta["config"]), meta.get("format", ""), meta.get("truncated", 0), heldout)
 
     def select_ids(self, ids_file: str | Path) -> SFTData:
         """The rows whose sample_id is listed in `ids_file` (one per line), in the data set's order.
@@ -137,8 +139,8 @@ class SFTData:
                             "the subset file belongs to another data set")
         rows = sorted(position[sid] for sid in set(wanted))
         digest = hashlib.sha256((self.fingerprint + "\n" + "\n".join(sorted(set(wanted)))).encode()).hexdigest()
-        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config, self.format,
-                       heldout=self.heldout)
+        return SFTData(self.dataset.select(rows), digest, self.skipped, self.source, self.config, self.format, self.truncated,
+                       self.heldout)
 
 
 # ---- reading and validating -------------------------------------------------------------------------------
@@ -279,8 +281,14 @@ def _raw_rows(src: Path | str, split: str) -> Iterator[tuple[int, str, Any]]:
     elif src.suffix == ".jsonl":
         yield from _jsonl_rows(src)
     elif src.suffix == ".json":
+        raw = src.read_bytes()
         try:
-            data = json.loads(src.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{src}: row {line}: {_not_utf8(raw, e)}") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError:
             yield from _jsonl_rows(src)  # not one JSON document: JSON lines with a .json name
             return
@@ -301,9 +309,19 @@ def _raw_rows(src: Path | str, split: str) -> Iterator[tuple[int, str, Any]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """Rows of a JSON-lines file, one ``json.loads`` per line so a broken line is reported by its number."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """Rows of a JSON-lines file, one ``json.loads`` per line so a broken line is reported by its number.
+
+    Lines are decoded one by one: a line that is not UTF-8 is a bad row named by its number and byte offset
+    (never echoed: a binary file would flood the log)."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno - 1, f"row {lineno}", _BadRow("not UTF-8", _not_utf8(raw, e, start))
+                continue
             if not line.strip():
                 continue
             try:
@@ -311,6 +329,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
             except json.JSONDecodeError as e:
                 row = _BadRow("broken JSON", f"not valid JSON ({e.msg}, column {e.colno})")
             yield lineno - 1, f"row {lineno}", row
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError, start: int = 0) -> str:
+    """What is wrong with bytes that are not UTF-8: where, and which byte (not the content around it)."""
+    return (f"not UTF-8 text (byte offset {start + e.start} in the file: 0x{raw[e.start]:02x}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _type_name(value: Any) -> str:
@@ -481,7 +505,8 @@ def tokenize_rows(
     Plain-text examples are their segments' tokens (special tokens such as bos only before the first) and
     eos, which carries loss. `train_on_prompt` labels every token.
 
-    Returns the dataset columns and the rows dropped by reason ("response truncated away").
+    Returns the dataset columns, the rows dropped by reason ("response truncated away") and how many kept rows
+    were cut to `max_length`.
     """
     if getattr(tokenizer, "chat_template", None) is None and any(not ex.segments for ex in examples):
         raise DataError(
@@ -492,6 +517,7 @@ def tokenize_rows(
     eos = tokenizer.eos_token_id
     columns: dict[str, list] = {"sample_id": [], "input_ids": [], "labels": [], "length": [], "response_length": []}
     dropped: Counter[str] = Counter()
+    truncated = 0
     bar = tqdm(total=len(examples), desc="Tokenizing", unit="row", disable=not progress, mininterval=1.0)
     for start in range(0, len(examples), _TOKENIZE_CHUNK):
         chunk = examples[start : start + _TOKENIZE_CHUNK]
@@ -520,11 +546,13 @@ def tokenize_rows(
                 ids, labels = _plain_text(ex, next(firsts), encoded, eos, train_on_prompt)
             else:
                 ids, labels = _chat_labels(ex, next(encoded), encoded, eos, tokenizer, train_on_prompt)
+            cut = len(ids) > max_length
             ids, labels = ids[:max_length], labels[:max_length]
             n_response = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never predicted
             if n_response == 0:
                 dropped["response truncated away"] += 1
                 continue
+            truncated += cut
             columns["sample_id"].append(ex.sample_id)
             columns["input_ids"].append(ids)
             columns["labels"].append(labels)
@@ -532,7 +560,7 @@ def tokenize_rows(
             columns["response_length"].append(sum(label != IGNORE_INDEX for label in labels))
         bar.update(len(chunk))
     bar.close()
-    return columns, dict(dropped)
+    return columns, dict(dropped), truncated
 
 
 def _chat_labels(ex: Example, ids: list[int], encoded: Iterator[list[int]], eos: int | None, tokenizer: Any,
@@ -591,7 +619,7 @@ def build_sft_dataset(
     `log` receives the one line that says which format ``format: auto`` chose (default: standard error).
     """
     rows = load_rows(cfg, log=log or _stderr)
-    columns, dropped = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress, cfg.train_on_prompt)
+    columns, dropped, truncated = tokenize_rows(rows.examples, tokenizer, cfg.max_length, progress, cfg.train_on_prompt)
     skipped = Counter(rows.skipped) + Counter(dropped)
     if not columns["sample_id"]:
         raise DataError(
@@ -615,6 +643,7 @@ def build_sft_dataset(
         source=rows.source,
         config=base,
         format=rows.format,
+        truncated=truncated,
     )
     return data.select_ids(cfg.subset) if cfg.subset else data
 

@@ -22,6 +22,12 @@ decided about each sample: qtuning.selection), the accelerate trackers of `train
 optional `log_fn(metrics, step)` the caller passes in; this module knows no other tracker. With a held-out
 split (data.eval_rows / data.eval_source) the held-out loss is measured every `training.eval_every_steps`
 and at the end (`eval/loss`, `eval/ppl`; summary.json's `heldout_loss`).
+
+Nothing on disk is ever half-written: a checkpoint is written to `checkpoints/step-N.partial` and renamed
+when complete (older ones are deleted only then), after checking that the disk has room for it; the final
+model goes to `final.partial/` and is renamed to `final/`. Run from the command line, SIGTERM or SIGINT (or
+the death of the process named by $QTUNING_PARENT_PID, the pipeline that started it) stops the loop at the
+next step boundary: one process saves a checkpoint of that step, writes no final model and exits 128+signal.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -262,23 +272,125 @@ class TrainState:
     nonfinite: int = 0  # rows left out of their pool for non-finite scores (pruning.on_nonfinite: exclude)
     score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
     learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
+    last_loss: float = math.nan  # the last step's loss: summary.json's final_loss, also after a resume at the end
+
+
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json is written last), oldest first."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()]
+    """Complete checkpoints (renamed from step-N.partial once written), oldest first."""
+    found = [p for p in (out / "checkpoints").glob("step-*")
+             if _STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int) -> Path:
-    ckpt = out / "checkpoints" / f"step-{state.step}"
-    accelerator.save_state(str(ckpt))
+class DiskSpaceError(OSError):
+    """Not enough free space for the next checkpoint; the message names the folder and the bytes needed."""
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def checkpoint_bytes(out: Path, model) -> int:
+    """What the next checkpoint will take: the last one's size, else parameters x 3 (weights + AdamW's two moments)."""
+    if ckpts := _checkpoints(out):
+        return _dir_bytes(ckpts[-1])
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"not enough disk space for a checkpoint in {folder}: {needed:,} bytes needed, {free:,} free; "
+            f"free some space (or lower training.keep_checkpoints) and resume with --resume "
+            f"(the last complete checkpoint is intact)"
+        )
+
+
+def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model=None) -> Path:
+    """checkpoints/step-N, written as step-N.partial and renamed when complete; then the oldest beyond `keep` go."""
+    root = out / "checkpoints"
+    ckpt, partial = root / f"step-{state.step}", root / f"step-{state.step}.partial"
     if accelerator.is_main_process:
-        (ckpt / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        for stale in root.glob("step-*.partial"):  # a save interrupted earlier
+            shutil.rmtree(stale, ignore_errors=True)
+        if model is not None:
+            _check_free_space(root, checkpoint_bytes(out, model))
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DiskSpaceError(f"writing the checkpoint {partial} failed ({e}); the last complete checkpoint is intact") from e
+    if accelerator.is_main_process:
+        (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        if ckpt.exists():  # the same step saved again (a stop right after a periodic checkpoint, a resume at the end)
+            shutil.rmtree(ckpt)
+        partial.rename(ckpt)
         for old in _checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return ckpt
+
+
+class StopRequest:
+    """Why the loop should stop at the next step boundary: a signal (SIGTERM, SIGINT) or the death of the process
+    that started training ($QTUNING_PARENT_PID, so a killed pipeline never leaves a trainer running)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.reason = ""
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def request(self, signum: int, reason: str) -> None:
+        if self.signum is None:
+            self.signum, self.reason = signum, reason
+
+    def install(self) -> None:
+        """Handle SIGTERM/SIGINT (a second one interrupts at once) and watch $QTUNING_PARENT_PID."""
+
+        def handler(signum, frame):
+            if self:  # asked twice: stop now
+                raise KeyboardInterrupt
+            self.request(signum, signal.Signals(signum).name)
+            print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        if pid := os.environ.get("QTUNING_PARENT_PID"):
+            threading.Thread(target=self._watch, args=(int(pid),), daemon=True, name="parent-watch").start()
+
+    def _watch(self, pid: int, every_s: float = 1.0) -> None:
+        import psutil
+
+        try:
+            parent = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            parent = None
+        while not self:
+            try:
+                gone = parent is None or not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:  # killed outright (kill -9): nobody will read our output or stop us
+                self.request(signal.SIGTERM, f"the process that started training ({pid}) is gone")
+                print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
+                return
+            time.sleep(every_s)
+
+
+class TrainingStopped(Exception):
+    """The loop stopped early on request (signal, parent gone); `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 # --------------------------------------------------------------------------- the loop
@@ -310,12 +422,15 @@ def train(
     log_fn: LogFn | None = None,
     progress: bool = True,
     save: bool = True,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.pruning`; returns the run summary (also in summary.json).
 
     `data`: the tokenized set `cfg.data` describes, prepared once (`qtuning.data.build_sft_dataset`, saved and
     loaded with `SFTData.save/load`); without it the rows are read and tokenized here. `cfg.data.subset` applies
     either way. `save=False` writes no checkpoint and no final model (benchmarks, tests of the loop itself).
+    `stop`: when it becomes true the loop ends at the next step boundary, a one-process run saves a checkpoint
+    of that step, and TrainingStopped is raised (no final model, no summary).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -383,8 +498,7 @@ def train(
         return collate([all_ids[k] for k in idx], [all_labels[k] for k in idx], tokenizer.pad_token_id).to(device)
 
     bar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, disable=not (progress and accelerator.is_main_process))
-    summary_loss = float("nan")
-    while state.step < total_steps:
+    while state.step < total_steps and not stop:
         step_start = time.perf_counter()
         # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
         pools = []
@@ -434,7 +548,8 @@ def train(
         state.nonfinite += int(counts["nonfinite"])
         state.score_seconds += score_end - step_start
         state.learn_seconds += step_end - score_end
-        summary_loss = summary_loss if skipped else loss_value
+        if not skipped:
+            state.last_loss = loss_value
         alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
         metrics = {
             "train/loss": loss_value,
@@ -472,8 +587,10 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.3f}", kept=f"{n_kept / n_pool:.2f}", tok=f"{n_loss_tok / max(n_resp, 1):.2f}")
         bar.update(1)
         if save and ((t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps):
-            _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+            _save_checkpoint(accelerator, out, state, t.keep_checkpoints, model)
     bar.close()
+    if stop and state.step < total_steps:
+        _stop_early(accelerator, out, state, t.keep_checkpoints, model, save, stop)
 
     accelerator.wait_for_everyone()
     selection.close()
@@ -482,7 +599,7 @@ def train(
             eval_metrics = heldout_metrics(accelerator.unwrap_model(model), heldout, cfg)
     summary = {
         "optimizer_steps": state.step,
-        "final_loss": summary_loss,
+        "final_loss": state.last_loss,
         "loss_tokens": state.loss_tokens,
         "samples_trained": state.samples_trained,
         "samples_seen": state.samples_seen,
@@ -502,8 +619,14 @@ def train(
     }
     if accelerator.is_main_process:
         if save:
-            save_final(accelerator.unwrap_model(model), tokenizer, out / "final")
+            partial = out / "final.partial"  # renamed when complete: a final/ folder is always a whole model
+            shutil.rmtree(partial, ignore_errors=True)
+            save_final(accelerator.unwrap_model(model), tokenizer, partial)
+            shutil.rmtree(out / "final", ignore_errors=True)
+            partial.rename(out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if save and not t.keep_checkpoints_after_training:  # the final model is what later steps read
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -531,6 +654,19 @@ def _pool_counts(pools: list[Pruned]) -> list[float]:
             n(s.fill_in & s.prune_tokens), p.excluded, p.budget_tokens or 0,
         ])
     return [float(sum(col)) for col in zip(*rows)] if rows else [0.0] * len(POOL_COUNTS)
+
+
+def _stop_early(accelerator, out: Path, state: TrainState, keep: int, model, save: bool, stop: StopRequest) -> None:
+    """The loop was asked to stop: keep this step in a checkpoint (one process: every rank is at the same step
+    only when they share one signal, which a lone process always does) and raise TrainingStopped."""
+    where = ""
+    if save and accelerator.num_processes == 1 and not (out / "checkpoints" / f"step-{state.step}").exists():
+        where = f"; checkpoint {_save_checkpoint(accelerator, out, state, keep, model)}"
+    elif ckpts := _checkpoints(out):
+        where = f"; last checkpoint {ckpts[-1]}"
+    accelerator.end_training()
+    raise TrainingStopped(f"stopped at step {state.step} ({stop.reason}), no final model written{where}; "
+                          "continue with --resume", stop.signum or signal.SIGTERM)
 
 
 def matching_data(data: SFTData, cfg: DataConfig) -> SFTData:
@@ -588,7 +724,16 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(e, file=sys.stderr)
         return 2
-    summary = train(cfg, data=data, resume=args.resume, progress=not args.no_progress)
+    stop = StopRequest()
+    stop.install()
+    try:
+        summary = train(cfg, data=data, resume=args.resume, progress=not args.no_progress, stop=stop)
+    except TrainingStopped as e:
+        print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except DiskSpaceError as e:
+        print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
+        return 1
     print(json.dumps(summary))
     return 0
 

@@ -76,12 +76,17 @@ def prepare_data(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig,
         source=sft.source,
         rows=len(sft.dataset),
         skipped=sft.skipped,
+        truncated_rows=sft.truncated,
         tokens=int(sum(lengths)),
         response_tokens=int(sum(responses)),
         heldout_rows=len(sft.heldout) if sft.heldout is not None else 0,
         seconds=time.perf_counter() - start,
     )
-    log.info(f"{record.rows} rows, {record.tokens:,} tokens ({record.response_tokens:,} response) -> {path}; skipped {sft.skipped or 'none'}")
+    log.info(f"{record.rows} rows, {record.tokens:,} tokens ({record.response_tokens:,} response) -> {path}; skipped {sft.skipped or 'none'}; "
+             f"{sft.truncated} row(s) cut to data.max_length={data.max_length}")
+    if sft.truncated:
+        log.warning(f"{sft.truncated} of {record.rows} rows are longer than data.max_length={data.max_length} tokens and "
+                    "were cut (their tail trains nothing); raise data.max_length to keep them whole")
     return record
 
 
@@ -95,6 +100,7 @@ def log_data(run: RunRef, record: DataRecord, context: str = "train") -> None:
     log_dataset(run, ds.to_pandas(), name=name, source=record.source, context=context, digest=record.fingerprint)
     log_params(run, {"data.fingerprint": record.fingerprint, "data.rows": record.rows})
     log_metrics(run, {"data/rows": record.rows, "data/tokens": record.tokens, "data/response_tokens": record.response_tokens,
-                      "data/skipped": sum(record.skipped.values()), "data/heldout_rows": record.heldout_rows})
+                      "data/skipped": sum(record.skipped.values()), "data/truncated_rows": record.truncated_rows,
+                      "data/heldout_rows": record.heldout_rows})
     if record.skipped:
         run.client.log_dict(run.run_id, record.skipped, "data/skipped.json")

@@ -30,6 +30,7 @@ class DataRecord(Record):
     source: str  # the resolved source (file path or hub id)
     rows: int
     skipped: dict[str, int] = {}
+    truncated_rows: int = 0  # rows kept but cut to data.max_length
     tokens: int
     response_tokens: int
     heldout_rows: int = 0  # rows held out of training (data.eval_rows / data.eval_source), in dataset/heldout/

@@ -17,6 +17,10 @@ A stage is a Prefect task declared with `@stage(...)`:
 - **Check**: calling the task first verifies the manifest of the folder its key names. A missing or damaged file
   is reported with its path and the stage runs again (`refresh_cache`, Prefect's public option), replacing the
   record; a valid folder is a cache hit as usual.
+- **Once**: the body runs under an exclusive file lock per key (`runs/.locks/<stage>-<key>.lock`). A second
+  process (an identical run started at the same moment) waits for it, then finds the folder complete and
+  returns the record the first one wrote beside it (`record.json`, covered by the manifest) instead of
+  building the same outputs again into the same folder.
 
 Records are persisted in Prefect's result storage (`$PREFECT_HOME/storage`), so hits survive across flow runs
 and processes.
@@ -24,11 +28,15 @@ and processes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -47,6 +55,7 @@ import qtuning
 from qtuning.config import BUNDLED_MODEL, ModelConfig
 
 MANIFEST = "manifest.json"
+RECORD = "record.json"  # the record the body returned, for a process that waited for it (see "Once")
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -169,6 +178,46 @@ def check_manifest(out: Path) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- one build at a time
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a task run (task.fn in a script)
+        return logging.getLogger("qtuning.stage")
+
+
+@contextlib.contextmanager
+def build_lock(out: Path, name: str, key: str):
+    """Hold the exclusive lock of (stage, key) while the block runs; other processes wait for it."""
+    locks = out.parent.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}-{key[:16]}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _logger().info(f"{name}: another process is building {out}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's close, also when this process dies
+
+
+def write_record(out: Path, record: Any) -> None:
+    if isinstance(record, BaseModel):
+        cls = type(record)
+        (out / RECORD).write_text(json.dumps({"type": f"{cls.__module__}:{cls.__qualname__}",
+                                              "record": record.model_dump(mode="json")}))
+
+
+def read_record(out: Path) -> Any | None:
+    """The record a finished build left in `out`, or None (none written, or unreadable)."""
+    try:
+        meta = json.loads((out / RECORD).read_text())
+        module, _, qualname = meta["type"].partition(":")
+        cls = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+        return cls.model_validate(meta["record"])
+    except Exception:
+        return None
+
+
 # --------------------------------------------------------------------------- the stage
 @dataclass(frozen=True)
 class Stage:
@@ -284,13 +333,18 @@ def stage(
             inputs = dict(bound.arguments)
             key = spec.key(inputs)
             out = spec.out_dir(inputs, key)
-            (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is being rewritten
-            if not resumable:
-                shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
-            record = body(*args, **kwargs, out=out, key=key)
-            write_manifest(out, exclude)
-            return record
+            with build_lock(out, name, key):
+                if check_manifest(out) is None and (done := read_record(out)) is not None:
+                    _logger().info(f"{name}: {out} was completed by another run meanwhile; reusing it")
+                    return done
+                (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is being rewritten
+                if not resumable:
+                    shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True, exist_ok=True)
+                record = body(*args, **kwargs, out=out, key=key)
+                write_record(out, record)
+                write_manifest(out, exclude)
+                return record
 
         functools.update_wrapper(run, body)
         del run.__wrapped__  # Prefect reads the parameters from __signature__: the inputs, without out and key

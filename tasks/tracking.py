@@ -6,16 +6,24 @@ run, which does not cross tasks, threads or the training subprocess.
 Where runs go, first match wins: `pipeline.tracking_uri`, `$MLFLOW_TRACKING_URI`, else the store described
 by `mlflow/tracking.yaml` (a SQLite file and an artifact folder under the repository's `mlflow/`).
 
+Several processes may share a store: a new SQLite store is created (schema migrations) under an exclusive lock
+beside it (`<db>.lock`), so two runs started at once do not race in its creation. Every run is tagged with
+the host, pid and start time of the process that opened it: runs that process leaves RUNNING when it dies
+(kill -9, a crash) are found by `close_orphan_runs` and ended KILLED; `close_open_runs` ends the runs a
+process still has open when it is interrupted.
+
     python -m tasks.tracking [mlflow ui options]    # open the UI on that store (mlflow/ui.sh does the same)
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,11 +81,18 @@ def ui_command(uri: str) -> str:
 
 @lru_cache(maxsize=8)
 def client(uri: str):
+    """The MLflow client of `uri`; a SQLite store is created (or migrated) once, under a file lock beside it."""
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(unquote(uri[len("sqlite:///") :])).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(unquote(uri[len("sqlite:///") :]))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes; another process waits here meanwhile
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # opens the store: creates its tables or upgrades them, once
+    return c
 
 
 class RunRef(BaseModel):
@@ -122,11 +137,24 @@ def git_commit() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+_OPEN: dict[str, RunRef] = {}  # runs this process created and has not ended
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """Who owns a run: host, pid and the process's start time (a pid reused later is another process)."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return {"qtuning.host": socket.gethostname(), "qtuning.pid": str(pid),
+            "qtuning.pid_started": f"{psutil.Process(pid).create_time():.2f}"}
+
+
 def create_run(uri: str, experiment: str, name: str, parent: RunRef | None = None, tags: Mapping[str, str] | None = None) -> RunRef:
-    """A new RUNNING run (a child of `parent` when given), tagged with the git commit and qtuning's version."""
+    """A new RUNNING run (a child of `parent` when given), tagged with the git commit, qtuning's version and the
+    process that owns it (process_tags)."""
     import qtuning
 
-    all_tags = {"qtuning.version": qtuning.__version__, "mlflow.source.name": "qtuning"}
+    all_tags = {"qtuning.version": qtuning.__version__, "mlflow.source.name": "qtuning", **process_tags()}
     if (commit := git_commit()) is not None:
         all_tags["mlflow.source.git.commit"] = commit
         all_tags["git_commit"] = commit
@@ -135,11 +163,58 @@ def create_run(uri: str, experiment: str, name: str, parent: RunRef | None = Non
     all_tags.update(tags or {})
     exp_id = experiment_id(uri, experiment)
     run = client(uri).create_run(exp_id, run_name=name, tags=all_tags)
-    return RunRef(run_id=run.info.run_id, experiment_id=exp_id, tracking_uri=uri, name=name)
+    ref = RunRef(run_id=run.info.run_id, experiment_id=exp_id, tracking_uri=uri, name=name)
+    _OPEN[ref.run_id] = ref
+    return ref
 
 
 def end_run(ref: RunRef, status: str = "FINISHED") -> None:
     ref.client.set_terminated(ref.run_id, status)
+    _OPEN.pop(ref.run_id, None)
+
+
+def close_open_runs(status: str = "KILLED") -> list[RunRef]:
+    """End every run this process opened and has not ended (children first): for an interrupted command."""
+    closed = []
+    for ref in reversed(list(_OPEN.values())):
+        with contextlib.suppress(Exception):
+            set_tags(ref, {"qtuning.ended_by": f"interrupted: ended {status} by its own process {os.getpid()}"})
+            end_run(ref, status)
+            closed.append(ref)
+    return closed
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Is the process that opened a run still there (same pid and start time) on this host?"""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def close_orphan_runs(uri: str) -> list[tuple[str, str, str]]:
+    """End KILLED the runs left RUNNING by a process of this host that no longer exists (killed -9, crashed);
+    returns (run id, run name, pid) of each. Runs of other hosts, and runs without the owner tags, are left alone."""
+    from mlflow.entities import ViewType
+
+    c, host = client(uri), socket.gethostname()
+    experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    closed = []
+    for i in range(0, len(experiments), 100):
+        runs = c.search_runs(experiments[i : i + 100], filter_string=f"attributes.status = 'RUNNING' and tags.`qtuning.host` = '{host}'",
+                             run_view_type=ViewType.ALL, max_results=10000)
+        for run in runs:
+            tags = run.data.tags
+            pid = tags.get("qtuning.pid", "")
+            if not pid.isdigit() or _alive(int(pid), tags.get("qtuning.pid_started")):
+                continue
+            c.set_tag(run.info.run_id, "qtuning.ended_by", f"orphan: its process {pid} on {host} is gone")
+            c.set_terminated(run.info.run_id, "KILLED")
+            closed.append((run.info.run_id, run.info.run_name, pid))
+    return closed
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@ cache key, so a retry (or a later flow run after a crash) finds the same folder 
 complete checkpoint with `--resume`. While the subprocess runs, its output goes to the Prefect log (progress
 lines throttled) and each new line of `metrics.jsonl` goes to the arm's MLflow run as that step's metrics. The
 cached record is valid while the folder's manifest (final model, summary, metrics; checkpoints left out) holds.
+
+The launcher and its trainer(s) run in their own session (process group): stopping the task (an exception,
+Ctrl-C, SIGTERM) signals the whole group, so no trainer outlives the launcher; the trainer stops at a step
+boundary, saves a checkpoint and exits. The trainer also watches this process ($QTUNING_PARENT_PID) and
+stops the same way when it is killed outright (kill -9).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -84,7 +90,7 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
 def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
     import torch
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", QTUNING_PARENT_PID=str(os.getpid()))
     if run is not None:  # for anything in the child that logs to MLflow (e.g. an accelerate tracker)
         env.update(MLFLOW_RUN_ID=run.run_id, MLFLOW_TRACKING_URI=run.tracking_uri)
     if pipeline.num_processes > 1 and not torch.cuda.is_available():
@@ -93,8 +99,42 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
     return env
 
 
+_LIVE: set[subprocess.Popen] = set()  # training process groups this process started and has not reaped
+STOP_GRACE_S = 60.0  # how long a stopped trainer may take to reach a step boundary and save its checkpoint
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the launcher's whole process group (launcher and trainers), SIGKILL it after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the launcher is gone; its trainers may still be saving: wait for the group to empty
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    _LIVE.discard(proc)
+
+
+def stop_trainers(grace_s: float = STOP_GRACE_S) -> int:
+    """Stop every training this process started and is still running (for a command's Ctrl-C handler)."""
+    procs = list(_LIVE)
+    for proc in procs:
+        stop_group(proc, grace_s)
+    return len(procs)
+
+
 def has_checkpoint(out: Path) -> bool:
-    return any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob("step-*"))
+    return any(p.name[5:].isdigit() and (p / "trainer_state.json").exists() for p in (out / "checkpoints").glob("step-*"))
 
 
 @stage("train", ingredients=_ingredients, folder=output_dir, resumable=True, packages=("torch", "transformers", "accelerate", "peft"),
@@ -110,7 +150,10 @@ def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pi
     log.info(("resuming from the last checkpoint: " if resume else "") + " ".join(cmd))
 
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(run, pipeline))
+    # its own session: a terminal's Ctrl-C reaches this process only, which stops the whole group (finally below)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(run, pipeline),
+                            start_new_session=True)
+    _LIVE.add(proc)
     reader = threading.Thread(target=_stream, args=(proc, log, tail, pipeline.progress), daemon=True)
     reader.start()
     logged = metric_steps(run, "train/loss") if run else set()
@@ -122,13 +165,11 @@ def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pi
                 time.sleep(1.0)
                 if run:
                     _sync_metrics(run, metrics_file, logged, progress.update)
-    finally:  # interrupted (Ctrl-C, SIGTERM, a Prefect timeout): do not leave the trainer running
+    finally:  # interrupted (Ctrl-C, SIGTERM, a Prefect timeout): stop the launcher and its trainers, all of them
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            log.warning(f"{config.name}: stopping the training process group {proc.pid}")
+            stop_group(proc)
+        _LIVE.discard(proc)
     reader.join(timeout=10)
     if run:
         _sync_metrics(run, metrics_file, logged)

@@ -237,7 +237,8 @@ def test_launch_commands(tmp_path):
 
 def test_train_task_streams_metrics_and_resumes_from_the_last_checkpoint(tmp_path, tracking_uri):
     cfg = _experiment(tmp_path)
-    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 2.0, "checkpoint_every_steps": 1})})
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
+        "epochs": 2.0, "checkpoint_every_steps": 1, "keep_checkpoints_after_training": True})})  # to fake a crash below
     pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
     run = tracking.create_run(tracking_uri, "unit", "train")
     with disable_run_logger():

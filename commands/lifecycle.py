@@ -1,0 +1,104 @@
+"""What a pipeline command does around its flow so that nothing is lost and nobody is confused.
+
+Before Prefect is imported or any server or model starts:
+
+- `check_data`: the training rows of a local file are read and validated (qtuning.data.load_rows, no tokenizer,
+  no model): a bad row, a file that is not UTF-8 or an empty file is reported once, in seconds, with its file,
+  row and field, and the command exits 2 like a config error, with nothing created in MLflow.
+
+Then `guard_run`:
+
+- runs left RUNNING on the store by processes of this host that no longer exist (killed -9, crashed) are
+  ended KILLED, and said so;
+- a guard process watches this one: if it is killed outright, the guard stops what it had started (the
+  trainers, Prefect's temporary server) and ends its MLflow runs KILLED;
+- SIGINT (a terminal's Ctrl-C, which also reaches Prefect's temporary server) and SIGTERM end this process's
+  open MLflow runs KILLED through the MLflow client, stop the trainers (each saves a checkpoint at its step
+  boundary) and the temporary server, and exit 130/143 within seconds, without waiting for a Prefect API that
+  may be gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from qtuning.config import DATA_PRESETS, DataConfig
+
+EXIT_BAD_INPUT = 2  # config and data errors alike
+
+
+def check_data(data: DataConfig, prog: str) -> int | None:
+    """Validate a local data file's rows now; returns an exit code to stop with, or None when they are fine."""
+    path = Path(data.source).expanduser()
+    if data.source in DATA_PRESETS or not path.exists():  # presets are fetched (and known good); hub sets download later
+        return None
+    from qtuning.data import DataError, load_rows
+
+    try:
+        rows = load_rows(data)
+    except DataError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if rows.skipped:
+        print(f"{prog}: {sum(rows.skipped.values())} bad row(s) skipped (data.on_bad_row: skip): {rows.skipped}", file=sys.stderr)
+    return None
+
+
+def guard_run(tracking_uri: str | None, prog: str) -> None:
+    """Close orphaned runs, start the guard process and install the SIGINT/SIGTERM handlers (module docstring)."""
+    from tasks.tracking import close_orphan_runs, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        closed = close_orphan_runs(uri)
+    except Exception as e:  # an unreachable store fails the run soon enough, with its own message
+        print(f"{prog}: could not check {uri} for orphaned runs: {e}", file=sys.stderr)
+        closed = []
+    for run_id, name, pid in closed:
+        print(f"{prog}: MLflow run {name} ({run_id}) was left RUNNING by process {pid}, which is gone: ended KILLED",
+              file=sys.stderr)
+    subprocess.Popen([sys.executable, "-m", "commands.guard", str(os.getpid()), uri], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+
+    def interrupted(signum, frame):
+        signal.signal(signal.SIGINT, lambda *a: os._exit(128 + signum))  # a second Ctrl-C: leave at once
+        name = signal.Signals(signum).name
+        print(f"\n{prog}: {name}: ending the open MLflow runs KILLED and stopping the training", file=sys.stderr, flush=True)
+        from tasks.tracking import close_open_runs
+        from tasks.training import stop_trainers
+
+        for ref in close_open_runs("KILLED"):
+            print(f"{prog}: MLflow run {ref.name} ({ref.run_id}) ended KILLED", file=sys.stderr, flush=True)
+        if n := stop_trainers():
+            print(f"{prog}: stopped {n} training process group(s); rerun to resume from the last checkpoint",
+                  file=sys.stderr, flush=True)
+        stop_children()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(128 + signum)  # not through Prefect's engine: its temporary server may be gone already
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)  # Prefect's own SIGTERM bridge re-sends the signal here when done
+
+
+def stop_children(pid: int | None = None, grace_s: float = 5.0, procs=None) -> None:
+    """SIGTERM the descendants of `pid` (default: this process), e.g. Prefect's temporary server; SIGKILL after grace."""
+    import psutil
+
+    if procs is None:
+        procs = psutil.Process(pid or os.getpid()).children(recursive=True)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

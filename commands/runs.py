@@ -1,0 +1,32 @@
+"""`qtuning runs --close-orphans`: end KILLED the MLflow runs left RUNNING by processes of this host that are gone.
+
+A `qtuning run` or `qtuning sweep` killed outright (kill -9, out of memory) cannot close its runs; its guard
+process does, and the next run on the store checks again at start. This command does the same on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qtuning runs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--close-orphans", action="store_true", help="end KILLED the runs whose process is gone (this host)")
+    ap.add_argument("--tracking-uri", metavar="URI", help="the store (default: $MLFLOW_TRACKING_URI, else mlflow/mlflow.db)")
+    args = ap.parse_args(argv)
+    if not args.close_orphans:
+        ap.print_help()
+        return 2
+    from tasks.tracking import close_orphan_runs, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    closed = close_orphan_runs(uri)
+    for run_id, name, pid in closed:
+        print(f"{name} ({run_id}): left RUNNING by process {pid}, which is gone: ended KILLED")
+    print(f"{len(closed)} orphaned run(s) closed in {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

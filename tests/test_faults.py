@@ -1,0 +1,503 @@
+"""The faults qtuning survives, one test each, each with the real thing: a killed process, a second process on
+the same store or folder, a broken file on disk. Read the test names as the list; each docstring says the
+fault and what must happen.
+
+The slow ones start real `qtuning run` commands (a temporary Prefect server each) or training subprocesses on
+a tiny random llama (the real tokenizer) and 16 ARC rows; every process a test starts is ended at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qtuning.config import CompareConfig, DataConfig, ExperimentConfig, PipelineConfig, TrainingConfig
+from qtuning.modeling import tiny_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- helpers
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp / "prefect_home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false", **extra}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "QTUNING_PARENT_PID"):
+        env.pop(key, None)
+    return env
+
+
+def wait_for(what: str, pred: Callable[[], object], timeout: float, proc: subprocess.Popen | None = None,
+             log: Path | None = None):
+    """Poll `pred` until it is truthy; fail naming `what` (and the log's tail) when time runs out or `proc` ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := pred():
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+    pytest.fail(f"{what}: not within {timeout:.0f}s (exit code {proc.poll() if proc else None})\n{tail}", pytrace=False)
+
+
+def alive(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(cmd, log, env) -> Popen in its own session, output to `log`. At teardown every process a test
+    started, with every descendant seen by `spawn.watch`, is killed (SIGKILL), whatever the test did."""
+    started: list[subprocess.Popen] = []
+    watched: list[psutil.Process] = []
+
+    def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    def watch(pid: int) -> list[psutil.Process]:
+        try:
+            found = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        watched.extend(found)
+        return found
+
+    start.watch = watch
+    yield start
+    for proc in started:
+        watch(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        with __import__("contextlib").suppress(Exception):
+            proc.wait(10)
+    for p in watched:
+        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def tiny_experiment(tmp: Path, epochs: float = 2.0, **training) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="arm", model=tiny_model_config(), data=DataConfig(source="arc", limit=16, max_length=96),
+        training=TrainingConfig(micro_batch_size=8, lr=1e-3, epochs=epochs, output_dir=str(tmp / "out"), **training),
+    )
+
+
+def metric_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------- bad input
+def test_a_data_file_that_is_not_utf8_is_named_by_row_and_byte_offset_not_dumped(tmp_path):
+    """A Latin-1 line in a JSONL file used to fail with a bare UnicodeDecodeError (no file, no row) and put the
+    file's bytes in the log. It is a DataError naming the file, the row and the byte offset, with no content."""
+    from qtuning.data import DataError, load_rows
+
+    good = json.dumps({"prompt": "q", "response": "a"}).encode() + b"\n"
+    bad = '{"prompt": "caf\xe9 SECRET", "response": "a"}\n'.encode("latin-1")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + bad + good)
+    with pytest.raises(DataError) as e:
+        load_rows(DataConfig(source=str(path)))
+    msg = str(e.value)
+    assert str(path) in msg and "row 2" in msg and f"byte offset {len(good) + bad.index(0xE9)}" in msg
+    assert "not UTF-8" in msg and "SECRET" not in msg
+    rows = load_rows(DataConfig(source=str(path), on_bad_row="skip"))
+    assert len(rows.examples) == 2 and rows.skipped == {"not UTF-8": 1}
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"prompt": "q", "response": "a"}\n{"prompt": "q", "response": 5}\n', ["row 2", "field 'response'", "got int"]),
+    (b'{"prompt": "q", "response": "a"}\n{"prompt": "\xff\xfe", "response": "a"}\n', ["row 2", "not UTF-8", "byte offset 45"]),
+    (b"", ["no usable rows"]),
+], ids=["bad-row", "not-utf8", "empty"])
+def test_bad_data_stops_qtuning_run_in_seconds_before_prefect_or_mlflow(tmp_path, content, expected):
+    """A bad row used to surface after ~50 s (the Prefect server starts first), exit 1 and print its message three
+    times in ~150 lines of tracebacks. `qtuning run` validates the rows first: one message with file, row and
+    field, exit code 2 like a config error, within seconds, no Prefect home, no MLflow store created."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    db = tmp_path / "mlflow.db"
+    start = time.perf_counter()
+    res = subprocess.run([PY, "-m", "commands.cli", "run", "--data", str(data), "--tracking-uri", f"sqlite:///{db}",
+                          "--runs-dir", str(tmp_path / "runs")], env=_env(tmp_path), cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - start
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert took < 30, f"took {took:.0f}s"
+    assert str(data) in res.stderr
+    for part in expected:
+        assert res.stderr.count(part) == 1, (part, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert not db.exists() and not (tmp_path / "prefect_home").exists() and not (tmp_path / "runs").exists()
+
+
+def test_rows_cut_to_max_length_are_counted(tmp_path, tokenizer, write_jsonl):
+    """A row longer than data.max_length used to be cut silently. The cut rows are counted in SFTData (saved with
+    it), in the data stage's record (logged to MLflow as data/truncated_rows) and in its log line."""
+    from prefect.logging import disable_run_logger
+
+    from qtuning.data import SFTData, build_sft_dataset
+    from tasks.data import prepare_data
+
+    long = " ".join(["word"] * 200)
+    path = write_jsonl([{"prompt": "q", "response": long}] * 3 + [{"prompt": "q", "response": "short"}] * 2)
+    cfg = DataConfig(source=str(path), max_length=48)
+    sft = build_sft_dataset(cfg, tokenizer, progress=False)
+    assert sft.truncated == 3 and len(sft.dataset) == 5 and max(sft.dataset["length"]) == 48
+    assert SFTData.load(sft.save(tmp_path / "ds")).truncated == 3
+    with disable_run_logger():
+        record = prepare_data.fn(cfg, tiny_model_config(), PipelineConfig(runs_dir=str(tmp_path / "runs")))
+    assert record.truncated_rows == 3
+
+
+# --------------------------------------------------------------------------- checkpoints, final model, disk
+def test_resuming_at_the_last_step_reports_the_last_loss(tmp_path):
+    """Resuming from a checkpoint taken at the last step used to report final_loss NaN (summary.json, MLflow).
+    The last step's loss is part of TrainState, saved with the checkpoint."""
+    import math
+    import shutil
+
+    from qtuning.train import train
+
+    cfg = tiny_experiment(tmp_path, keep_checkpoints_after_training=True)
+    first = train(cfg, progress=False)
+    out = Path(cfg.training.output_dir)
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    again = train(cfg, resume=True, progress=False)
+    assert again["optimizer_steps"] == first["optimizer_steps"] == 4
+    assert not math.isnan(again["final_loss"]) and again["final_loss"] == pytest.approx(first["final_loss"])
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == pytest.approx(first["final_loss"])
+
+
+def test_a_finished_arm_keeps_its_final_model_and_drops_its_checkpoints(tmp_path):
+    """A finished arm used to keep two resumable checkpoints (1.6 GB each for the 135M model) beside its final
+    model. By default (training.keep_checkpoints_after_training: false) only the final model stays, and it is
+    written as final.partial/ and renamed, so a final/ folder is always whole."""
+    from qtuning.train import train
+
+    cfg = tiny_experiment(tmp_path, checkpoint_every_steps=1)
+    train(cfg, progress=False)
+    out = Path(cfg.training.output_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "summary.json"]
+    assert (out / "final" / "model.safetensors").stat().st_size > 0 and (out / "final" / "tokenizer.json").exists()
+
+
+def test_a_full_disk_stops_training_naming_the_folder_and_bytes_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint used to be written without looking at free space (a full disk broke it half-way). The free space
+    is checked first (estimate: the last checkpoint's size, else parameters x 3); too little stops the run with
+    the folder and the bytes needed, and the last complete checkpoint stays intact, with no partial one."""
+    import shutil as real_shutil
+
+    import qtuning.train as train_mod
+
+    cfg = tiny_experiment(tmp_path, checkpoint_every_steps=1)
+    out = Path(cfg.training.output_dir)
+    usage = real_shutil.disk_usage
+
+    def disk_usage(path):  # room for the first checkpoint only
+        real = usage(path)
+        full = any((out / "checkpoints").glob("step-1"))
+        return type(real)(real.total, real.used, 1000 if full else real.free)
+
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", disk_usage)
+    with pytest.raises(train_mod.DiskSpaceError) as e:
+        train_mod.train(cfg, progress=False)
+    step1 = out / "checkpoints" / "step-1"
+    needed = sum(p.stat().st_size for p in step1.rglob("*") if p.is_file())
+    msg = str(e.value)
+    assert str(out / "checkpoints") in msg and f"{needed:,} bytes needed" in msg and "1,000 free" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert (step1 / "trainer_state.json").exists() and not (out / "final").exists()
+
+
+# --------------------------------------------------------------------------- stopping a trainer
+def test_a_trainer_stopped_by_sigterm_saves_a_checkpoint_and_writes_no_final_model(tmp_path, spawn):
+    """A trainer killed while saving used to leave a final/ with only config.json. On SIGTERM (or SIGINT) the
+    trainer stops at the next step boundary, saves a checkpoint of that step, writes no final model and exits
+    143; a resume continues from there."""
+    cfg = tiny_experiment(tmp_path, epochs=500)
+    run_yaml = cfg.save(tmp_path / "run.yaml")
+    log = tmp_path / "train.log"
+    proc = spawn([PY, "-m", "qtuning.train", "--config", str(run_yaml), "--no-progress"], log, _env(tmp_path))
+    out = Path(cfg.training.output_dir)
+    wait_for("a first training step", lambda: metric_steps(out / "metrics.jsonl"), 120, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    step = metric_steps(out / "metrics.jsonl")[-1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{step}"]
+    assert not (out / "final").exists() and not (out / "final.partial").exists() and not (out / "summary.json").exists()
+    assert f"stopped at step {step} (SIGTERM)" in log.read_text()
+
+
+TRAIN_TASK = """
+import os, signal, sys, time
+from pathlib import Path
+from prefect.logging import disable_run_logger
+from qtuning.config import ExperimentConfig, PipelineConfig
+from tasks import training, tracking
+from tasks.records import DataRecord
+
+work = Path(sys.argv[1])
+cfg = ExperimentConfig.load(work / "run.yaml")
+pipe = PipelineConfig.model_validate_json((work / "pipeline.json").read_text())
+data = DataRecord.model_validate_json((work / "data.json").read_text())
+run = None
+if uri := os.environ.get("FAULT_TRACKING_URI"):  # an MLflow run this process owns
+    run = tracking.create_run(uri, "faults", "arm")
+    (work / f"run-{os.getpid()}").write_text(run.run_id)
+signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))  # raise, as Prefect's SIGTERM bridge does
+if start_at := float(os.environ.get("FAULT_START_AT", "0")):
+    time.sleep(max(0.0, start_at - time.time()))
+with disable_run_logger():
+    record = training.train_arm.fn(cfg, data, run, pipe)
+(work / f"record-{os.getpid()}.json").write_text(record.model_dump_json())
+"""
+
+
+@pytest.fixture
+def train_task(tmp_path, spawn):
+    """train_task(epochs, launcher, n=1, **env) -> the processes running tasks.training.train_arm.fn on prepared
+    tiny data, all in one runs folder (the same stage key), and the folder where the training goes."""
+    from prefect.logging import disable_run_logger
+
+    from tasks.data import prepare_data
+
+    def start(epochs: float, launcher: str, n: int = 1, **env: str):
+        cfg = tiny_experiment(tmp_path, epochs=epochs)
+        pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher=launcher, progress=False)
+        with disable_run_logger():
+            data = prepare_data.fn(cfg.data, cfg.model, pipe)
+        cfg.save(tmp_path / "run.yaml")
+        (tmp_path / "pipeline.json").write_text(pipe.model_dump_json())
+        (tmp_path / "data.json").write_text(data.model_dump_json())
+        (tmp_path / "task.py").write_text(TRAIN_TASK)
+        procs = [spawn([PY, str(tmp_path / "task.py"), str(tmp_path)], tmp_path / f"task-{i}.log", _env(tmp_path, **env))
+                 for i in range(n)]
+        return procs, tmp_path / "runs" / "train"
+
+    return start
+
+
+def _training_started(train_root: Path) -> Path | None:
+    for d in train_root.glob("arm-*"):
+        if metric_steps(d / "metrics.jsonl"):
+            return d
+    return None
+
+
+@pytest.mark.slow
+def test_stopping_the_training_task_stops_the_trainer_under_accelerate_launch(train_task, spawn, tmp_path):
+    """Stopping `qtuning run` used to stop the `accelerate launch` wrapper but not the `python -m qtuning.train`
+    under it, which trained on with parent 1. The launcher runs in its own process group and the task stops
+    the whole group: nothing it started survives, and no half-written final model is left."""
+    (proc,), root = train_task(epochs=500, launcher="accelerate")
+    out = wait_for("a first training step", lambda: _training_started(root), 180, proc, tmp_path / "task-0.log")
+    tree = spawn.watch(proc.pid)
+    assert any("qtuning.train" in " ".join(p.cmdline()) for p in tree) and any("accelerate" in " ".join(p.cmdline()) for p in tree)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(90)
+    wait_for("every process of the training gone", lambda: not alive(tree), 30)
+    assert not (out / "final").exists() and not (out / "final.partial").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{metric_steps(out / 'metrics.jsonl')[-1]}"]
+
+
+@pytest.mark.slow
+def test_a_trainer_whose_pipeline_is_killed_stops_and_its_run_is_closed_as_orphan(train_task, spawn, tmp_path):
+    """`kill -9` of the pipeline process used to leave the trainer training (parent 1) and its MLflow run RUNNING
+    forever. The trainer watches the process that started it and stops at a step boundary with a checkpoint;
+    `qtuning runs --close-orphans` (also run at the start of every `qtuning run`) ends the run KILLED."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (proc,), root = train_task(epochs=500, launcher="accelerate", FAULT_TRACKING_URI=uri)
+    out = wait_for("a first training step", lambda: _training_started(root), 180, proc, tmp_path / "task-0.log")
+    tree = spawn.watch(proc.pid)
+    run_id = next(tmp_path.glob("run-*")).read_text()
+    proc.kill()
+    proc.wait(10)  # reaped, as a shell does
+    wait_for("the trainer to stop after its parent died", lambda: not alive(tree), 60)
+    assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
+    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+    res = subprocess.run([PY, "-m", "commands.cli", "runs", "--close-orphans", "--tracking-uri", uri], env=_env(tmp_path),
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and run_id in res.stdout and "1 orphaned run(s) closed" in res.stdout, res.stderr
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and str(proc.pid) in run.data.tags["qtuning.ended_by"]
+
+
+# --------------------------------------------------------------------------- two processes, one store or folder
+RACE = """
+import os, sys, time
+from tasks.tracking import create_run
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+create_run(sys.argv[1], "race", f"run-{os.getpid()}")
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path):
+    """Two runs started at the same moment on a SQLite store that did not exist raced in its schema creation
+    ('table label_schemas already exists'): one died, the store could be left half-migrated. The store is
+    created once, under a file lock beside it; both processes get their run."""
+    from mlflow import MlflowClient
+
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    for attempt in range(1):  # the unlocked store failed on every attempt of two
+        uri = f"sqlite:///{tmp_path}/store-{attempt}/mlflow.db"
+        start_at = str(time.time() + 12)  # after both have imported mlflow
+        procs = [subprocess.Popen([PY, str(script), uri, start_at], env=_env(tmp_path), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("race")
+        assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+@pytest.mark.slow
+def test_identical_runs_started_together_train_an_arm_once(train_task, tmp_path):
+    """Two identical runs started together used to train the same arm at once into the same folder, and its
+    metrics.jsonl held every step twice. A stage's body runs under a lock per cache key: the second process
+    waits, then reuses what the first wrote (its record), and every step is in the metrics file once."""
+    procs, root = train_task(epochs=5, launcher="python", n=2, FAULT_START_AT=str(time.time() + 15))
+    for i, p in enumerate(procs):
+        assert p.wait(300) == 0, (tmp_path / f"task-{i}.log").read_text()[-3000:]
+    (out,) = list(root.glob("arm-*"))
+    assert metric_steps(out / "metrics.jsonl") == list(range(1, 11))
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("record-*.json")]
+    assert len(records) == 2 and records[0] == records[1]  # the second is the first's record (its timings too), read back
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path):
+    """A cached stage used to be trusted as long as its files existed: a truncated tokenized data file was reused
+    and failed later. Through Prefect's engine: the second call finds the file damaged, says which file, and
+    rebuilds the stage."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.data import prepare_data
+
+    data_cfg, model = DataConfig(source="arc", limit=16, max_length=96), tiny_model_config()
+    pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), progress=False)
+
+    @flow(name="prepare")
+    def prepare():
+        return prepare_data(data_cfg, model, pipe)
+
+    settings = {PREFECT_HOME: str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
+    with temporary_settings(updates=settings), prefect_test_harness(server_startup_timeout=None):
+        first = prepare()
+        (arrow,) = Path(first.path).glob("data-*.arrow")
+        size = arrow.stat().st_size
+        with arrow.open("r+b") as f:
+            f.truncate(size // 2)
+        again = prepare()
+        assert again.produced_in != first.produced_in  # rebuilt in the second flow run, not a cache hit
+        assert arrow.stat().st_size == size
+
+        def reported():  # logs reach the API in batches
+            with get_client(sync_client=True) as client:
+                return any("cannot be trusted, rebuilding" in log.message and f"{arrow} is damaged" in log.message
+                           for log in client.read_logs())
+
+        wait_for("the damaged file reported in the flow run's log", reported, 30)
+        third = prepare()
+        assert third.produced_in == again.produced_in  # and then a cache hit again
+
+
+# --------------------------------------------------------------------------- interrupting `qtuning run`
+def _start_qtuning_run(tmp_path: Path, spawn, tiny_compare_config):
+    cfg = tiny_compare_config(tmp_path, name="faults")
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 500.0})})
+    path = cfg.save(tmp_path / "compare.yaml")
+    log = tmp_path / "run.log"
+    proc = spawn([PY, "-m", "commands.cli", "run", "--config", str(path)], log, _env(tmp_path))
+    root = tmp_path / "runs" / "train"
+    wait_for("`qtuning run` training its first arm", lambda: any(
+        metric_steps(d / "metrics.jsonl") for d in root.glob("*-*")) if root.exists() else None, 400, proc, log)
+    time.sleep(2.0)  # the task's first metric sync
+    return proc, log, cfg
+
+
+def _runs(cfg: CompareConfig) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.pipeline.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.pipeline.experiment_name)
+    return {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id])}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("how", ["ctrl-c-to-the-group", "sigterm-to-the-process"])
+def test_ctrl_c_or_sigterm_ends_qtuning_run_killed_within_seconds(tmp_path, spawn, tiny_compare_config, how):
+    """A terminal Ctrl-C (SIGINT to the whole process group) also kills Prefect's temporary server; `qtuning run`
+    used to retry its API for ~4 minutes, exit with a connection error and leave the parent run FAILED; SIGTERM
+    to the process stopped the `accelerate launch` wrapper but not the trainer under it. Either way the runs
+    end KILLED through the MLflow client, the trainer saves a checkpoint and stops, the server is stopped, and
+    the command exits 130/143 within seconds, leaving no process behind."""
+    proc, log, cfg = _start_qtuning_run(tmp_path, spawn, tiny_compare_config)
+    tree = spawn.watch(proc.pid)
+    start = time.monotonic()
+    if how == "ctrl-c-to-the-group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    code = proc.wait(90)
+    took = time.monotonic() - start
+    assert code == 128 + (signal.SIGINT if how.startswith("ctrl-c") else signal.SIGTERM), log.read_text()[-3000:]
+    assert took < 30, f"took {took:.0f}s"
+    assert _runs(cfg) == {"faults": "KILLED", "full": "KILLED"}
+    wait_for("no process of the run left", lambda: not alive(tree), 20)
+    (out,) = list((tmp_path / "runs" / "train").glob("full-*"))
+    assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_9_of_qtuning_run_leaves_no_orphan_process_or_running_run(tmp_path, spawn, tiny_compare_config):
+    """`kill -9` of `qtuning run` used to leave its MLflow parent and arm runs RUNNING forever and the trainer and
+    Prefect's temporary server as orphans. Its guard process stops them and ends the runs KILLED, saying which
+    process was gone."""
+    from mlflow import MlflowClient
+
+    proc, log, cfg = _start_qtuning_run(tmp_path, spawn, tiny_compare_config)
+    tree = spawn.watch(proc.pid)
+    assert any("uvicorn" in " ".join(p.cmdline()) for p in tree) and any("qtuning.train" in " ".join(p.cmdline()) for p in tree)
+    proc.kill()
+    proc.wait(10)  # reaped, as a shell does
+    wait_for("the trainer and the temporary server gone", lambda: not alive(tree), 90)
+    wait_for("the runs ended KILLED", lambda: _runs(cfg) == {"faults": "KILLED", "full": "KILLED"}, 60)
+    client = MlflowClient(cfg.pipeline.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.pipeline.experiment_name)
+    for run in client.search_runs([exp.experiment_id]):
+        assert f"its process {proc.pid}" in run.data.tags["qtuning.ended_by"]
