@@ -602,15 +602,15 @@ class CompareConfig(_YamlFile):
 
     The defaults are the embedded main job (`qtuning run`): SmolLM2-135M-Instruct, 24 ShareGPT rows of at
     most 256 tokens trained for 2 epochs (6 optimizer steps of 8 rows, so the selection log shows how samples
-    move between quadrants from one epoch to the next) and 16 more rows held out (their loss is measured after
-    each epoch: a quality signal that moves on a run this small), full data vs Q-Tuning 25%x50%, 8 items of
+    move between quadrants from one epoch to the next) and 16 more rows held out (their loss is measured at the
+    end: a quality signal that moves on a run this small), full data vs Q-Tuning 25%x50%, 8 items of
     each of the five benchmarks (GSM8K chains of thought cut at 128 tokens).
     """
 
     name: str = Field("compare", min_length=1, description="Comparison name (the MLflow parent run).")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig(limit=24, max_length=256, eval_rows=16)
-    training: TrainingConfig = TrainingConfig(epochs=2.0, lr=2e-5, micro_batch_size=8, schedule="cosine", eval_every_steps=3)
+    training: TrainingConfig = TrainingConfig(epochs=2.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
     arms: list[ArmConfig] = Field(
         default_factory=_default_arms,
         min_length=1,
