@@ -201,7 +201,7 @@ def test_a_finished_arm_keeps_its_final_model_and_drops_its_checkpoints(tmp_path
     cfg = tiny_experiment(tmp_path, checkpoint_every_steps=1)
     train(cfg, progress=False)
     out = Path(cfg.training.output_dir)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "selection.parquet", "summary.json"]
     assert (out / "final" / "model.safetensors").stat().st_size > 0 and (out / "final" / "tokenizer.json").exists()
 
 
