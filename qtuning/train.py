@@ -36,32 +36,27 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, with_overrides
 from qtuning.pruning import prune_tokens
 from qtuning.rules import SAMPLE_RULES, PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
+from qtuning.lm import ChunkedLM, as_lm, build_lanes, lane_plan, lanes_forward, loss_targets, unpad
 from qtuning.scoring import score_tokens
 
 LogFn = Callable[[dict[str, float], int], None]
 
 
 # --------------------------------------------------------------------------- data order
-def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
-    """The pools of one epoch, a pure function of (seed, epoch): resumable without saved sampler state."""
+def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The pools of one epoch, a pure function of (seed, epoch): resumable without saved sampler state.
+
+    Lengths play no part: which rows are triaged together is the spec's business, not the layout's (rows are
+    grouped by length after triage, in `micro_batch_plan`)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    if group_by_length:  # sort within mega-batches of 50 pools, then shuffle the pools (HF's LengthGroupedSampler idea)
-        mega = pool * 50
-        order = np.concatenate(
-            [chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, len(order) // mega))]
-        )
-    pools = [order[i : i + pool] for i in range(0, len(order), pool)]
-    if group_by_length:
-        pools = [pools[i] for i in rng.permutation(len(pools))]
-    return pools
+    return [order[i : i + pool] for i in range(0, len(order), pool)]
 
 
 # --------------------------------------------------------------------------- one pool
@@ -75,6 +70,8 @@ class Pruned:
     response_tokens: int  # label tokens in the whole pool, before pruning
     real_tokens: int  # non-pad tokens in the whole pool
     loss_tokens: Tensor  # () on device: label tokens that train, after both stages
+    score_fed_tokens: int = 0  # positions the scoring forward computed (lanes x width)
+    score_real_tokens: int = 0  # of which real tokens
 
 
 def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
@@ -83,14 +80,15 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
     lengths = batch.attention_mask.sum(1).cpu()
     response_lengths = (batch.labels[:, 1:] != IGNORE).sum(1).cpu()
     stats = PoolStats(lengths=lengths, response_lengths=response_lengths)
-    nll = None
+    nll, fed, real = None, 0, 0
     if p.needs_scores:
         # 1. where does each sample sit on the EU plane? (no grad, chunked over the vocabulary)
         model.eval()
         scores = score_tokens(
-            model, batch.input_ids, batch.attention_mask, batch.labels,
-            entropy_scope=p.entropy_scope, chunk_tokens=cfg.training.score_chunk_tokens,
+            model, batch.input_ids, batch.attention_mask, batch.labels, entropy_scope=p.entropy_scope,
+            chunk_tokens=cfg.training.score_chunk_tokens, layout=cfg.training.layout, pack_tokens=cfg.training.pack_tokens,
         )
+        fed, real = scores.fed_tokens, scores.real_tokens
         nll = scores.nll  # (b, T)
         stats.ppl, stats.ent = scores.sample_ppl().cpu(), scores.sample_ent().cpu()  # one sync
     # 2. keep misconceptions (Q2) and calibration (Q4); drop noise (Q1) and the mastered (Q3)
@@ -105,7 +103,7 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
         trained = Batch(batch.input_ids, batch.attention_mask, labels.masked_fill(~sel.keep[:, None].to(labels.device), IGNORE))
         weight = sel.weight * sel.keep
     loss_tokens = (trained.labels[:, 1:] != IGNORE).sum()
-    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens)
+    return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens, fed, real)
 
 
 def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
@@ -119,43 +117,80 @@ def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
     return (per_row.float() * w).sum()
 
 
-def weighted_nll_sum(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-    """Sum over loss tokens of w_row * NLL, from (b, T, V) logits; the caller divides by the step's denominator."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return (nll.view_as(targets) * weight[:, None].to(nll.dtype)).sum()
+def micro_batch_plan(lengths: list[int], t: TrainingConfig) -> list[list[list[int]]]:
+    """A step's trained rows as micro-batches of lanes (lists of row indices). Grouping happens after triage, so
+    it changes no pruning decision; each micro-batch holds at most micro_batch_size x (the step's longest row)
+    positions, what a padded micro-batch of them could hold.
+
+    padded: micro_batch_size rows per micro-batch, one per lane, in pool order (group_by_length: longest first);
+    packed: rows spread over lanes of about pack_tokens (qtuning.lm.lane_plan), lanes grouped longest first.
+    """
+    if not lengths:
+        return []
+    if t.layout == "padded":
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if t.group_by_length else list(range(len(lengths)))
+        return [[[i] for i in order[s : s + t.micro_batch_size]] for s in range(0, len(order), t.micro_batch_size)]
+    budget = t.micro_batch_size * max(lengths)
+    lanes = sorted(lane_plan(lengths, "packed", min(t.pack_tokens, budget)), key=lambda l: -sum(lengths[i] for i in l))
+    plan: list[list[list[int]]] = []
+    for lane in lanes:  # longest lane first: a micro-batch is as wide as its first lane
+        if plan and (len(plan[-1]) + 1) * sum(lengths[i] for i in plan[-1][0]) <= budget:
+            plan[-1].append(lane)
+        else:
+            plan.append([lane])
+    return plan
 
 
-def micro_batches(pruned: Pruned, size: int):
-    n = len(pruned.weight)
-    for s in range(0, n, size):
-        idx = torch.arange(s, min(n, s + size))
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[idx] = True
-        yield (pruned.batch.rows(keep.to(pruned.batch.labels.device)) if n > size else pruned.batch), pruned.weight[idx]
+@dataclass
+class Learned:
+    """What stage 4 did on this process: the step loss and what its forwards computed."""
+
+    loss: Tensor  # () on device, detached: this process's share of the step loss (sum over processes = the loss)
+    fed_tokens: int  # positions the training forwards computed
+    real_tokens: int  # of which real tokens
 
 
-def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Tensor:
+def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Learned:
     """Stage 4: forward and backward on the kept rows of a step's pools, micro-batch by micro-batch.
 
-    Each micro-batch's loss is divided by the whole step's denominator, so the
-    accumulated gradient is that of one large batch. Gradients are synchronised
-    across processes once, on the last backward. Returns the step loss
-    (detached, on device: no host sync here).
+    The loss is the weighted NLL sum divided by the denominator of the whole step, over every pool of every
+    process, so N processes equal one process with the same global batch, and accumulation equals one large
+    batch: DDP/FSDP average gradients over processes, so each process's sum is scaled by N. Gradients are
+    synchronised once, on the last backward, after every process has run the same number of forwards (FSDP
+    gathers weights in each). No host sync here besides the one collective of the denominator.
     """
     model.train()
-    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
-    micro = [mb for p in pools for mb in micro_batches(p, cfg.training.micro_batch_size)]
+    lm, world = as_lm(model), accelerator.num_processes
+    ids, targets, row_w = [], [], []
+    for p in pools:  # the step's trained rows, unpadded, with their loss mask and weight
+        rows, _ = unpad(p.batch.input_ids, p.batch.attention_mask)
+        ids += rows
+        targets += list(loss_targets(p.batch.labels))
+        row_w += p.weight.tolist()
+    plan = micro_batch_plan([len(r) for r in ids], cfg.training)
+    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).float().to(accelerator.device)
+    n_micro = len(plan)
+    if world > 1:  # one collective: the step's global denominator, and the most micro-batches any process runs
+        both = accelerator.gather(torch.stack([denom, torch.tensor(float(n_micro), device=denom.device)])[None])
+        denom, n_micro = both[:, 0].sum(), int(both[:, 1].max())
+    scale = world / denom.clamp(min=1.0)
+    pad_id = int(ids[0][0]) if ids else 0
     loss_sum = torch.zeros((), device=accelerator.device)
-    for k, (mb, w) in enumerate(micro):
-        last = k == len(micro) - 1
+    fed = real = 0
+    for k in range(n_micro):
+        last = k == n_micro - 1
+        if k < len(plan):
+            lanes = build_lanes(ids, targets, plan[k], pad_id)
+            w = torch.tensor(row_w, device=accelerator.device)[lanes.row] * scale  # (N,) per-target weight
+        else:  # this process has fewer micro-batches than another: a one-token forward with no target keeps step
+            lanes = build_lanes([torch.tensor([pad_id], device=accelerator.device)], [torch.zeros(1, dtype=torch.bool)], [[0]], pad_id)
+            w = torch.zeros(0, device=accelerator.device)
         with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (b, T, V)
-            loss = weighted_nll_sum(logits, mb.labels, w.to(logits.device)) / denom
+            loss = lanes_forward(lm, lanes, w, cfg.training.score_chunk_tokens)  # through DDP/FSDP when prepared
         accelerator.backward(loss)
         loss_sum += loss.detach()
-    return loss_sum
+        fed, real = fed + lanes.fed_tokens, real + lanes.real_tokens
+    return Learned(loss_sum, fed, real)
 
 
 # --------------------------------------------------------------------------- state and checkpoints
@@ -170,6 +205,8 @@ class TrainState:
     samples_seen: int = 0
     score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
     learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
+    fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
+    fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -202,12 +239,40 @@ def plan_steps(n_samples: int, cfg: ExperimentConfig, world: int) -> tuple[int, 
     return pools_per_epoch, total_pools, steps
 
 
-def _mixed_precision(t: TrainingConfig) -> str:
-    if t.precision == "fp32" or not torch.cuda.is_available():
-        if t.precision == "bf16" and not torch.cuda.is_available():
-            raise ValueError("training.precision: bf16 needs a GPU here; use auto or fp32 on CPU")
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+def check_device(cfg: ExperimentConfig) -> None:
+    """Refuse, before anything loads, what this machine cannot run: every problem at once, each with its fix."""
+    import importlib.util
+
+    t, m = cfg.training, cfg.model
+    gpu = torch.cuda.is_available()
+    problems = []
+    if t.precision in ("bf16", "fp16") and not gpu:
+        problems.append(f"training.precision: {t.precision} needs a GPU (this machine has none); use auto or fp32")
+    elif t.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problems.append("training.precision: bf16 is not supported by this GPU; use fp16 or auto")
+    if t.weight_dtype == "bf16" and not gpu:
+        problems.append("training.weight_dtype: bf16 needs a GPU (bf16 matmuls on a CPU are slow); use auto or fp32")
+    if m.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; "
+                            "`pip install flash-attn --no-build-isolation`, or use sdpa")
+        if not gpu:
+            problems.append("model.attn_implementation: flash_attention_2 needs a GPU; use sdpa")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _precision(t: TrainingConfig, finetune: str) -> tuple[str, torch.dtype]:
+    """(accelerate's mixed_precision, the weights' dtype) for this machine; check_device has refused the rest."""
+    gpu = torch.cuda.is_available()
+    if t.precision == "auto":
+        compute = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    else:
+        compute = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+    weights = t.weight_dtype
+    if weights == "auto":  # a frozen LoRA base needs no fp32 master copy; full fine-tuning keeps one
+        weights = "bf16" if compute == "bf16" and finetune == "lora" else "fp32"
+    return compute, {"fp32": torch.float32, "bf16": torch.bfloat16}[weights]
 
 
 def train(
@@ -232,9 +297,18 @@ def train(
 
     from qtuning.modeling import load_model, load_tokenizer, save_final
 
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
     wall_start = time.perf_counter()
     t, out = cfg.training, Path(cfg.training.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False)
+    check_device(cfg)
+    mixed_precision, weight_dtype = _precision(t, cfg.model.finetune)
+    # broadcast_buffers=False: no buffer needs syncing (rotary tables), and the broadcast would be a collective
+    # in every forward, which processes with different numbers of scoring forwards must not need
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     set_seed(t.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -247,7 +321,10 @@ def train(
         data = matching_data(data, cfg.data)
     all_ids, all_labels = list(data.dataset["input_ids"]), list(data.dataset["labels"])
     lengths = np.asarray(data.dataset["length"])
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, dtype=weight_dtype)
+    if t.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with no_sync
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ChunkedLM(model)  # what accelerate wraps: scoring and training both go through the prepared module
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     pools_per_epoch, total_pools, total_steps = plan_steps(len(lengths), cfg, world)
     schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
@@ -274,7 +351,7 @@ def train(
         epoch, j = divmod(i, pools_per_epoch)
         if epoch not in epoch_pools:
             epoch_pools.clear()
-            epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch, t.group_by_length)
+            epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch)
         idx = epoch_pools[epoch][j]
         return collate([all_ids[k] for k in idx], [all_labels[k] for k in idx], tokenizer.pad_token_id).to(device)
 
@@ -288,13 +365,13 @@ def train(
             i = state.pools_done + rank
             state.pools_done += world
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + i)  # per-pool: resume-safe randomness
-            with accelerator.autocast():
-                pools.append(select_pool(accelerator.unwrap_model(model), pool(i), cfg, gen))
+            with accelerator.autocast():  # through the prepared model: under FSDP/ZeRO-3 its weights are sharded
+                pools.append(select_pool(model, pool(i), cfg, gen))
         _sync(device)
         score_end = time.perf_counter()
 
         # ---- 4. learn from what is left, and only from it
-        loss_sum = learn(accelerator, model, pools, cfg)
+        learned = learn(accelerator, model, pools, cfg)
         if t.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
@@ -305,24 +382,28 @@ def train(
         state.step += 1
 
         # ---- bookkeeping: one reduction and one host sync per step
-        on_device = torch.stack([loss_sum, *(p.loss_tokens for p in pools)]).double()
+        on_device = torch.stack([learned.loss, *(p.loss_tokens for p in pools)]).double()
         on_host = torch.tensor(
             [
                 sum(p.sel.keep.numel() for p in pools), sum(int(p.sel.keep.sum()) for p in pools),
                 sum(p.response_tokens for p in pools), sum(p.real_tokens for p in pools),
                 *[sum(int((p.sel.quadrant == q).sum()) for p in pools) for q in (1, 2, 3, 4)],
                 sum(p.sel.filled for p in pools),
+                learned.fed_tokens + sum(p.score_fed_tokens for p in pools),
+                learned.real_tokens + sum(p.score_real_tokens for p in pools),
             ],
             dtype=torch.float64,
         )
         totals = accelerator.reduce(torch.cat([on_device, on_host.to(device)]), reduction="sum").tolist()
         loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
-        n_pool, n_kept, n_resp, n_real, q1, q2, q3, q4, filled = totals[1 + len(pools) :]
+        n_pool, n_kept, n_resp, n_real, q1, q2, q3, q4, filled, fed, fed_real = totals[1 + len(pools) :]
         state.loss_tokens += int(n_loss_tok)
         state.samples_trained += int(n_kept)
         state.samples_seen += int(n_pool)
         state.score_seconds += score_end - step_start
         state.learn_seconds += step_end - score_end
+        state.fed_tokens += int(fed)
+        state.fed_real_tokens += int(fed_real)
         summary_loss = loss_value
         alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
         metrics = {
@@ -337,6 +418,9 @@ def train(
             "time/score_seconds": score_end - step_start,
             "time/learn_seconds": step_end - score_end,
             "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
+            # every forward of the step (scoring and training): padding is what the layout wastes
+            "train/padding_share": 1 - fed_real / max(fed, 1),
+            "train/real_tokens_per_second": fed_real / max(step_end - step_start, 1e-9),
         }
         if alphas:
             metrics["prune/alpha"] = float(np.mean(alphas))
@@ -367,10 +451,22 @@ def train(
         "data_skipped": data.skipped,
         "final_dir": str(out / "final"),
         "world_size": world,
+        "cpu_threads": torch.get_num_threads(),  # per process: what the launcher gave it
+        "padding_share": round(1 - state.fed_real_tokens / max(state.fed_tokens, 1), 4),
+        "real_tokens_per_second": round(state.fed_real_tokens / max(state.score_seconds + state.learn_seconds, 1e-9), 1),
+        "mixed_precision": mixed_precision,
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
     }
+    if save:
+        # the whole model, gathered from every process's shard under FSDP/ZeRO-3 (a collective: all ranks call it)
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            final = accelerator.unwrap_model(model)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                final = ChunkedLM(load_model(cfg.model, dtype=weight_dtype))  # rank 0's module holds only its shard
+                final.load_state_dict(state_dict)
+            save_final(final.model, tokenizer, out / "final")
     if accelerator.is_main_process:
-        if save:
-            save_final(accelerator.unwrap_model(model), tokenizer, out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()

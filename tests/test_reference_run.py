@@ -3,6 +3,11 @@
 The reference was recorded before the house refactor (issue 7) with the same configs: which rows each pool kept,
 their quadrants, per-row loss weights and loss-token counts, and every step's metrics but wall-clock figures.
 A change that moves any pruning decision, or the loss by more than float noise, fails here.
+
+The recorded runs fed one row per lane (`training.layout: padded`, pinned here). The packed layout computes the
+same scores up to float noise, which is enough to move the bisection of one pool to another alpha (the quadrant
+label of a dropped row changes at a threshold, pool 2 of qtuning_global_pool16_accum2); so under `packed` the test
+pins what the spec cares about: which rows train, with which tokens and weights.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from qtuning.config import ExperimentConfig
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_run.json").read_text())
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_seeded_run_matches_the_recorded_reference(tmp_path, monkeypatch, name):
+def test_seeded_run_matches_the_recorded_reference(tmp_path, monkeypatch, name, layout):
     ref = REFERENCE[name]
     raw = json.loads(json.dumps(ref["config"]))
     raw["training"]["output_dir"] = str(tmp_path / name)
+    raw["training"]["layout"] = layout
     cfg = ExperimentConfig.model_validate(raw)
 
     pools = []
@@ -37,7 +44,11 @@ def test_seeded_run_matches_the_recorded_reference(tmp_path, monkeypatch, name):
     monkeypatch.setattr(T, "select_pool", spy)
     T.train(cfg, progress=False, save=False)
 
-    assert pools == ref["pools"]
+    if layout == "packed":  # kept rows, their loss tokens and weights; not the labels of dropped rows
+        drop_labels = lambda ps: [{k: v for k, v in p.items() if k != "quadrant"} for p in ps]  # noqa: E731
+        assert drop_labels(pools) == drop_labels(ref["pools"])
+    else:
+        assert pools == ref["pools"]
     got = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert len(got) == len(ref["metrics"])
     for g, w in zip(got, ref["metrics"]):
