@@ -11,11 +11,14 @@ Each optimizer step takes `grad_accum_steps` pools of `pool_size` samples:
 1. score  - one no-grad forward gives every response token's NLL and entropy;
 2. triage - the sample rule keeps K = round(pool * sample_ratio) rows (Q2 + Q4 for Q-Tuning);
 3. prune  - the token rule removes the least useful tokens of Q2 rows from the loss;
-4. learn  - forward and backward on the kept rows only, padding trimmed to them.
+4. learn  - forward and backward on the kept rows only, packed into lanes (training.layout).
 
-Full-data runs skip step 1. The loss is a sum of token NLLs divided by the
-step's loss-token count, known before the first backward, so gradient
-accumulation over micro-batches equals one large batch exactly.
+Full-data runs skip step 1. The loss is a sum of token NLLs divided by the loss-token
+count of the whole step across processes, known before the first backward, so gradient
+accumulation equals one large batch and N processes equal one with the same global
+batch. Both forwards run through the model accelerate prepared (qtuning.lm.ChunkedLM
+under DDP/FSDP/ZeRO-3): never an unwrapped, possibly sharded module, never the full
+logits of a micro-batch.
 
 Everything leaves through `metrics.jsonl` in the output folder and an optional
 `log_fn(metrics, step)` the caller passes in; this module knows no tracker.
@@ -174,7 +177,7 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
         both = accelerator.gather(torch.stack([denom, torch.tensor(float(n_micro), device=denom.device)])[None])
         denom, n_micro = both[:, 0].sum(), int(both[:, 1].max())
     scale = world / denom.clamp(min=1.0)
-    pad_id = int(ids[0][0]) if ids else 0
+    pad_id = 0  # any id: no target is ever read from a padding position
     loss_sum = torch.zeros((), device=accelerator.device)
     fed = real = 0
     for k in range(n_micro):
@@ -183,7 +186,8 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
             lanes = build_lanes(ids, targets, plan[k], pad_id)
             w = torch.tensor(row_w, device=accelerator.device)[lanes.row] * scale  # (N,) per-target weight
         else:  # this process has fewer micro-batches than another: a one-token forward with no target keeps step
-            lanes = build_lanes([torch.tensor([pad_id], device=accelerator.device)], [torch.zeros(1, dtype=torch.bool)], [[0]], pad_id)
+            one = torch.tensor([pad_id], device=accelerator.device)
+            lanes = build_lanes([one], [torch.zeros_like(one, dtype=torch.bool)], [[0]], pad_id)
             w = torch.zeros(0, device=accelerator.device)
         with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
             loss = lanes_forward(lm, lanes, w, cfg.training.score_chunk_tokens)  # through DDP/FSDP when prepared
