@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,7 +77,7 @@ def time_epochs(base: ExperimentConfig, out: Path) -> dict[str, dict]:
             update={"pruning": pruning, "training": base.training.model_copy(update={"output_dir": str(out / name)})}
         )
         s = train(cfg, progress=True, save=False)
-        keys = ("loop_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss", "padding_share",
+        keys = ("loop_seconds", "loop_cpu_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss", "padding_share",
                 "real_tokens_per_second", "cpu_threads")
         results[name] = {k: s[k] for k in keys}
     return results
@@ -84,7 +85,7 @@ def time_epochs(base: ExperimentConfig, out: Path) -> dict[str, dict]:
 
 def row_linearity(quick: bool, max_length: int, repeats: int = 3) -> dict[str, float]:
     """Per-row seconds of a training step (forward + backward, chunked loss) on 8 rows over that on 2 rows,
-    the rows cut to one length so that only the row count differs."""
+    the rows cut to one length so that only the row count differs (process CPU time on a CPU, wall on a GPU)."""
     import time
 
     from qtuning.data import build_sft_dataset
@@ -101,12 +102,14 @@ def row_linearity(quick: bool, max_length: int, repeats: int = 3) -> dict[str, f
     torch.manual_seed(0)
     lm = ChunkedLM(load_model(mcfg)).train()
 
+    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+
     def step(n: int) -> float:
         lanes = build_lanes(ids[:n], targets[:n], [[i] for i in range(n)], tok.pad_token_id)
-        start = time.perf_counter()
+        start = clock()
         loss = lanes_forward(lm, lanes, torch.full((len(lanes.src),), 1.0 / max(len(lanes.src), 1)))
         loss.backward()
-        return time.perf_counter() - start
+        return clock() - start
 
     step(2), step(8)  # warm-up: allocator, thread pools
     t2 = min(step(2) for _ in range(repeats))
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         "cost_ratio_random": epochs["random"]["loop_seconds"] / full,
         "cost_ratio_qtuning_pool": epochs["qtuning_pool"]["loop_seconds"] / full,
         "scoring_share_qtuning": epochs["qtuning"]["score_seconds"] / full,
+        # on a CPU shared with other jobs, the process's CPU time is steadier than the wall clock
+        **{f"cpu_time_ratio_{arm}": epochs[arm]["loop_cpu_seconds"] / epochs["full"]["loop_cpu_seconds"]
+           for arm in ("qtuning", "qtuning_pool", "random")},
+        "load_average_1min": os.getloadavg()[0],
         "padding_share_full": epochs["full"]["padding_share"],
         "padding_share_qtuning": epochs["qtuning"]["padding_share"],
         "padding_share_qtuning_pool": epochs["qtuning_pool"]["padding_share"],

@@ -20,7 +20,7 @@ from qtuning.rules import SAMPLE_RULES, TOKEN_RULES, describe
 from qtuning.triage import keep_count
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
-SCORE_CHUNK_TOKENS = 2048  # positions per chunk of the LM head (scoring, loss): its fp32 logits are chunk x vocabulary
+SCORE_CHUNK_TOKENS = 512  # positions per chunk of the LM head (scoring, loss): its fp32 logits are chunk x vocabulary
 PACK_TOKENS = 512  # target tokens per packed lane (training.pack_tokens)
 DATA_PRESETS = ("sharegpt", "arc")
 
@@ -261,7 +261,7 @@ class TrainingConfig(_Frozen):
         SCORE_CHUNK_TOKENS,
         ge=16,
         description="Positions per chunk of the LM head, in scoring and in the training loss: its fp32 logits are "
-        "chunk x vocab (2048 x 49,152 x 4 B = 400 MB) instead of a micro-batch's whole.",
+        "chunk x vocab (512 x 49,152 x 4 B = 100 MB, two such buffers at a time) instead of a micro-batch's whole.",
     )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
     accelerate_config: str | None = Field(

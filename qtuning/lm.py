@@ -11,7 +11,7 @@ Two things make a step cost what its FLOPs cost:
   and applies the head `chunk_tokens` positions at a time: scoring gets each target's NLL and entropy, training
   the weighted NLL sum with its gradient computed chunk by chunk inside the forward (as Liger's fused linear
   cross-entropy does), so no (positions x vocabulary) logits survive a chunk: 8 x 255 x 49,152 fp32 logits are
-  400 MB, a chunk of 2,048 positions is what is ever held.
+  400 MB, a chunk of `chunk_tokens` positions (512 by default: two 100 MB buffers) is what is ever held.
 
 `ChunkedLM` is an `nn.Module` around the Hugging Face model, prepared by accelerate as a whole: under DDP, FSDP or
 ZeRO-3 both the scoring and the training forward run through the prepared (possibly sharded) module.
@@ -24,24 +24,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qtuning.config import SCORE_CHUNK_TOKENS
 from qtuning.data import IGNORE_INDEX as IGNORE
 
 
 # --------------------------------------------------------------------------- lanes
 def lane_plan(lengths: list[int], layout: str, pack_tokens: int) -> list[list[int]]:
-    """Which rows share a lane: `padded` one row each (longest first); `packed` ceil(total / pack_tokens) lanes of
-    even load, longest row first into the least-loaded lane (LPT: the longest lane is at most 4/3 of the best)."""
+    """Which rows share a lane: `padded` one row each (longest first); `packed` about total / pack_tokens lanes of
+    even load, each row (longest first) into the least-loaded lane (LPT: the longest lane is at most 4/3 of the
+    best). Lanes are as wide as the longest, so among a few lane counts the one that feeds the fewest positions
+    wins, lanes no wider than 1.25 x pack_tokens (a lane's attention grows with its square) or the longest row."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if layout == "padded" or not order:
         return [[i] for i in order]
-    n = max(1, min(len(order), -(-sum(lengths) // pack_tokens)))
-    lanes: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
-    for i in order:
-        j = min(range(n), key=load.__getitem__)
-        lanes[j].append(i)
-        load[j] += lengths[i]
-    return [lane for lane in lanes if lane]
+    n0 = -(-sum(lengths) // pack_tokens)
+    widest = max(lengths[order[0]], int(1.25 * pack_tokens))
+    plans = []
+    for n in sorted({max(1, min(len(order), n)) for n in (n0 - 1, n0, n0 + 1, n0 + 2)}):
+        lanes: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        for i in order:
+            j = min(range(n), key=load.__getitem__)
+            lanes[j].append(i)
+            load[j] += lengths[i]
+        plans.append((max(load) > widest, n * max(load), n, [lane for lane in lanes if lane]))
+    return min(plans, key=lambda p: p[:3])[3]  # within the width, fewest positions fed, then fewest lanes
 
 
 @dataclass
@@ -191,7 +198,7 @@ class ChunkedLM(nn.Module):
         src: Tensor,  # (N,)
         targets: Tensor,  # (N,)
         token_weight: Tensor | None = None,  # (N,) training; None: scoring
-        chunk_tokens: int = 2048,
+        chunk_tokens: int = SCORE_CHUNK_TOKENS,
     ):
         decoder, head, scale, softcap = _head_parts(self.model)
         # no KV cache: nothing is generated, and the cache would hold every layer's keys and values
@@ -219,7 +226,7 @@ def as_lm(model: nn.Module) -> nn.Module:
     return model if isinstance(model, ChunkedLM) or isinstance(inner, ChunkedLM) else ChunkedLM(model)
 
 
-def lanes_forward(lm: nn.Module, lanes: Lanes, token_weight: Tensor | None = None, chunk_tokens: int = 2048):
+def lanes_forward(lm: nn.Module, lanes: Lanes, token_weight: Tensor | None = None, chunk_tokens: int = SCORE_CHUNK_TOKENS):
     return lm(lanes.input_ids, lanes.position_ids, lanes.src, lanes.targets, token_weight, chunk_tokens)
 
 

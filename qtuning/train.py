@@ -209,6 +209,7 @@ class TrainState:
     samples_seen: int = 0
     score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
     learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
+    loop_cpu_seconds: float = 0.0  # this process's CPU time in stages 1-4 (steadier than wall time on a shared CPU)
     fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
     fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
 
@@ -362,7 +363,7 @@ def train(
     bar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, disable=not (progress and accelerator.is_main_process))
     summary_loss = float("nan")
     while state.step < total_steps:
-        step_start = time.perf_counter()
+        step_start, step_cpu = time.perf_counter(), time.process_time()
         # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
         pools = []
         while len(pools) < t.grad_accum_steps and state.pools_done < total_pools:
@@ -406,6 +407,7 @@ def train(
         state.samples_seen += int(n_pool)
         state.score_seconds += score_end - step_start
         state.learn_seconds += step_end - score_end
+        state.loop_cpu_seconds += time.process_time() - step_cpu
         state.fed_tokens += int(fed)
         state.fed_real_tokens += int(fed_real)
         summary_loss = loss_value
@@ -449,6 +451,7 @@ def train(
         "score_seconds": round(state.score_seconds, 3),
         "learn_seconds": round(state.learn_seconds, 3),
         "loop_seconds": round(state.score_seconds + state.learn_seconds, 3),  # the training loop: what pruning changes
+        "loop_cpu_seconds": round(state.loop_cpu_seconds, 3),  # the same, in this process's CPU time
         "wall_seconds": round(time.perf_counter() - wall_start, 3),  # loop + data, model load and saving
         "data_fingerprint": data.fingerprint,
         "data_rows": len(lengths),
