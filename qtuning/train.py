@@ -244,6 +244,17 @@ def plan_steps(n_samples: int, cfg: ExperimentConfig, world: int) -> tuple[int, 
     return pools_per_epoch, total_pools, steps
 
 
+def _adamw(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel (CPU and CUDA): on a 2-core CPU the per-tensor loop over SmolLM2's
+    135M weights took about 2 s a step, the fused kernel 0.2 s, a cost that does not shrink with the rows trained."""
+    if t.fused_adamw:
+        try:
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
 def check_device(cfg: ExperimentConfig) -> None:
     """Refuse, before anything loads, what this machine cannot run: every problem at once, each with its fix."""
     import importlib.util
@@ -330,7 +341,7 @@ def train(
     if t.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with no_sync
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = ChunkedLM(model)  # what accelerate wraps: scoring and training both go through the prepared module
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], t)
     pools_per_epoch, total_pools, total_steps = plan_steps(len(lengths), cfg, world)
     schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
