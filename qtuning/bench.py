@@ -1,25 +1,35 @@
-"""Benchmark: what a Q-Tuning epoch costs against full-data SFT, and what scoring costs in memory.
+"""Benchmark: what a Q-Tuning epoch costs against full-data SFT, and what its forwards cost in memory.
 
-    python -m qtuning.bench                      # the embedded SmolLM2-135M-Instruct (minutes on a CPU)
-    python -m qtuning.bench --quick --json b.json  # a tiny random model with the real tokenizer (< 3 min)
+    python -m qtuning.bench --json bench.json        # the embedded SmolLM2-135M-Instruct (< 10 min on a 2-core CPU)
+    python -m qtuning.bench --quick --json b.json    # a tiny random model with the real tokenizer (smoke check)
 
-In one process, on the same model initialisation and data slice, it times one
-epoch of full-data SFT, Q-Tuning at 25% x 50% and Random+Random at 25% x 50%
-(the training loop's own scoring and training seconds, not model loading or
-saving), and Q-Tuning with a selection pool of 32 that trains full micro-batches
-of the kept rows (`cost_ratio_qtuning_pool`). Then, each in a fresh subprocess so allocator caches do not blur the
-figures, it measures the peak memory of the scoring forward and of a plain
-no-grad forward (full logits) on the same batch: on a GPU the CUDA allocator's
-peak, on a CPU the process's peak resident set (VmHWM, reset before the pass).
+In one process, on the same model initialisation and data slice, it times one epoch (the training loop's
+own scoring and training seconds, not model loading or saving) of
 
-Targets: Q-Tuning epoch / full-data epoch <= 0.70 on a CPU (0.62 on a GPU; the
-model's floor is about 1/3 + r_s = 0.58); scoring peak <= 1.1 x plain forward.
+- full-data SFT (the denominator of every cost ratio);
+- Q-Tuning 25% x 50% with pool = micro-batch, the paper's layout (`cost_ratio_qtuning`);
+- Random+Random 25% x 50% (`cost_ratio_random`);
+- Q-Tuning with a selection pool of micro-batch / r_s whose kept rows train as one full micro-batch, the
+  cost-efficient layout (`cost_ratio_qtuning_pool`; a quarter of the optimizer steps);
+
+each in the run's default layout (packed rows) and reports the share of padding among the positions the
+forwards computed and the real tokens per second. Then, on the same 8 rows cut to one length, the per-row cost
+of an 8-row training step over that of a 2-row step (`row_linearity`: 1.0 = cost grows linearly with rows).
+Last, each in a fresh subprocess so allocator caches do not blur the figures, the peak memory of the scoring
+forward, of one training step (forward + backward, gradients already allocated) and of a plain no-grad
+forward (full logits) on the same batch: on a GPU the CUDA allocator's peak, on a CPU the process's peak
+resident set (VmHWM, reset before the pass).
+
+Targets (SmolLM2-135M, 2-core CPU): cost_ratio_qtuning_pool <= 0.62, cost_ratio_qtuning <= 0.70 (the model's
+floor is about 1/3 + r_s = 0.58), padding shares <= 0.10, scoring peak <= 1.1 x plain forward,
+row_linearity <= 1.2. Measured figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,8 +77,44 @@ def time_epochs(base: ExperimentConfig, out: Path) -> dict[str, dict]:
             update={"pruning": pruning, "training": base.training.model_copy(update={"output_dir": str(out / name)})}
         )
         s = train(cfg, progress=True, save=False)
-        results[name] = {k: s[k] for k in ("loop_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss")}
+        keys = ("loop_seconds", "loop_cpu_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss", "padding_share",
+                "real_tokens_per_second", "cpu_threads")
+        results[name] = {k: s[k] for k in keys}
     return results
+
+
+def row_linearity(quick: bool, max_length: int, repeats: int = 3) -> dict[str, float]:
+    """Per-row seconds of a training step (forward + backward, chunked loss) on 8 rows over that on 2 rows,
+    the rows cut to one length so that only the row count differs (process CPU time on a CPU, wall on a GPU)."""
+    import time
+
+    from qtuning.data import build_sft_dataset
+    from qtuning.lm import ChunkedLM, build_lanes, lanes_forward, loss_targets
+    from qtuning.modeling import load_model, load_tokenizer, tiny_model_config
+
+    mcfg = tiny_model_config() if quick else ModelConfig()
+    tok = load_tokenizer(mcfg)
+    data = build_sft_dataset(DataConfig(source="sharegpt", limit=64, max_length=max_length), tok, progress=False).dataset
+    rows = sorted(range(len(data)), key=lambda i: -data[i]["length"])[:8]
+    width = min(data[i]["length"] for i in rows)
+    ids = [torch.tensor(data[i]["input_ids"][:width]) for i in rows]
+    targets = [loss_targets(torch.tensor(data[i]["labels"][:width])) for i in rows]
+    torch.manual_seed(0)
+    lm = ChunkedLM(load_model(mcfg)).train()
+
+    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+
+    def step(n: int) -> float:
+        lanes = build_lanes(ids[:n], targets[:n], [[i] for i in range(n)], tok.pad_token_id)
+        start = clock()
+        loss = lanes_forward(lm, lanes, torch.full((len(lanes.src),), 1.0 / max(len(lanes.src), 1)))
+        loss.backward()
+        return clock() - start
+
+    step(2), step(8)  # warm-up: allocator, thread pools
+    t2 = min(step(2) for _ in range(repeats))
+    t8 = min(step(8) for _ in range(repeats))
+    return {"step_seconds_2_rows": t2, "step_seconds_8_rows": t8, "row_linearity": (t8 / 8) / (t2 / 2), "row_tokens": width}
 
 
 # --------------------------------------------------------------------------- memory (child processes)
@@ -87,8 +133,10 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
     """Bytes a forward adds at its peak over what the loaded model already holds."""
     from qtuning.data import build_sft_dataset
     from qtuning.modeling import load_model, load_tokenizer, tiny_model_config
-    from qtuning.scoring import score_tokens
+    from qtuning.config import PACK_TOKENS
     from qtuning.data import collate
+    from qtuning.lm import ChunkedLM, build_lanes, lane_plan, lanes_forward, loss_targets, unpad
+    from qtuning.scoring import score_tokens
 
     mcfg = tiny_model_config() if quick else ModelConfig()
     tok = load_tokenizer(mcfg)
@@ -98,14 +146,23 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(mcfg).to(device).eval()
     batch = batch.to(device)
+    rows = unpad(batch.input_ids, batch.attention_mask)[0]
+    lanes = build_lanes(rows, list(loss_targets(batch.labels)), lane_plan([len(r) for r in rows], "packed", PACK_TOKENS), 0)
+    lm = ChunkedLM(model)
 
     def run():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if kind == "plain":
-                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            return score_tokens(model, batch.input_ids, batch.attention_mask, batch.labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if kind == "train":  # one training step's forward and backward, the loss chunked over positions
+                lm.train()
+                loss = lanes_forward(lm, lanes, torch.full((len(lanes.src),), 1.0 / len(lanes.src), device=device))
+                loss.backward()
+                return loss.detach()
+            with torch.no_grad():
+                if kind == "plain":
+                    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                return score_tokens(model, batch.input_ids, batch.attention_mask, batch.labels)
 
-    run()  # warm-up allocations of the first call are not what we compare
+    run()  # warm-up allocations of the first call (and the gradients of a training step) are not what we compare
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -123,9 +180,10 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
 
 
 def memory_ratio(quick: bool, rows: int, max_length: int) -> dict[str, float]:
-    """Peak of the scoring forward over that of a plain no-grad forward, on the `rows` longest of a slice."""
+    """Peaks of the scoring forward and of a training step over that of a plain no-grad forward, on the `rows`
+    longest of a slice."""
     peaks = {}
-    for kind in ("plain", "scoring"):
+    for kind in ("plain", "scoring", "train"):
         cmd = [sys.executable, "-m", "qtuning.bench", "--_memory", kind, "--micro-batch", str(rows), "--max-length", str(max_length)]
         if quick:
             cmd.append("--quick")
@@ -135,17 +193,19 @@ def memory_ratio(quick: bool, rows: int, max_length: int) -> dict[str, float]:
         "plain_forward_peak_bytes": peaks["plain"],
         "scoring_peak_bytes": peaks["scoring"],
         "scoring_peak_mem_ratio": peaks["scoring"] / max(peaks["plain"], 1),
+        "train_step_peak_bytes": peaks["train"],
+        "train_peak_mem_ratio": peaks["train"] / max(peaks["plain"], 1),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qtuning bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny random model with the real tokenizer (< 3 min on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model with the real tokenizer (a smoke check)")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     ap.add_argument("--rows", type=int, default=None, help="training rows (default 64; --quick 48)")
     ap.add_argument("--max-length", type=int, default=None, help="tokens per row (default 256; --quick 192)")
     ap.add_argument("--micro-batch", type=int, default=8, help="micro-batch = selection pool size (the paper's setting)")
-    ap.add_argument("--_memory", choices=["plain", "scoring"], help=argparse.SUPPRESS)
+    ap.add_argument("--_memory", choices=["plain", "scoring", "train"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory:
         print(measure_forward_memory(args._memory, args.quick, args.micro_batch, args.max_length or 256))
@@ -166,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         "cost_ratio_random": epochs["random"]["loop_seconds"] / full,
         "cost_ratio_qtuning_pool": epochs["qtuning_pool"]["loop_seconds"] / full,
         "scoring_share_qtuning": epochs["qtuning"]["score_seconds"] / full,
+        # on a CPU shared with other jobs, the process's CPU time is steadier than the wall clock
+        **{f"cpu_time_ratio_{arm}": epochs[arm]["loop_cpu_seconds"] / epochs["full"]["loop_cpu_seconds"]
+           for arm in ("qtuning", "qtuning_pool", "random")},
+        "load_average_1min": os.getloadavg()[0],
+        "padding_share_full": epochs["full"]["padding_share"],
+        "padding_share_qtuning": epochs["qtuning"]["padding_share"],
+        "padding_share_qtuning_pool": epochs["qtuning_pool"]["padding_share"],
+        "real_tokens_per_second_full": epochs["full"]["real_tokens_per_second"],
+        **row_linearity(args.quick, args.max_length),
         **memory_ratio(args.quick, args.micro_batch, args.max_length),
     }
     print(f"\n{report['model']} on {report['device']}: {rows} rows x <= {args.max_length} tokens, micro-batch {args.micro_batch}")
@@ -176,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['optimizer_steps']:>7}{e['loss_tokens']:>13}"
         )
     print(
-        f"scoring forward peak {report['scoring_peak_bytes'] / 2**20:.0f} MiB vs plain forward "
-        f"{report['plain_forward_peak_bytes'] / 2**20:.0f} MiB: ratio {report['scoring_peak_mem_ratio']:.2f}"
+        f"scoring forward peak {report['scoring_peak_bytes'] / 2**20:.0f} MiB, training step peak "
+        f"{report['train_step_peak_bytes'] / 2**20:.0f} MiB vs plain forward {report['plain_forward_peak_bytes'] / 2**20:.0f} "
+        f"MiB: ratios {report['scoring_peak_mem_ratio']:.2f}, {report['train_peak_mem_ratio']:.2f}"
+    )
+    print(
+        f"padding share: full {report['padding_share_full']:.1%}, qtuning {report['padding_share_qtuning']:.1%}; "
+        f"full data {report['real_tokens_per_second_full']:.0f} real tokens/s; row linearity {report['row_linearity']:.2f}"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

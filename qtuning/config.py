@@ -20,7 +20,8 @@ from qtuning.rules import SAMPLE_RULES, TOKEN_RULES, describe
 from qtuning.triage import keep_count
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
-SCORE_CHUNK_TOKENS = 2048  # positions per chunk of the scoring head: its fp32 logits are chunk x vocabulary
+SCORE_CHUNK_TOKENS = 512  # positions per chunk of the LM head (scoring, loss): its fp32 logits are chunk x vocabulary
+PACK_TOKENS = 512  # target tokens per packed lane (training.pack_tokens)
 DATA_PRESETS = ("sharegpt", "arc")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "clearml", "dvclive")  # training.log_with: accelerate's names
 DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "alpaca", "prompt_completion", "text")  # data.format
@@ -79,6 +80,11 @@ class ModelConfig(_Frozen):
         description="A Jinja chat template (a string containing '{%' or '{{', or the path of a file holding one) that "
         "replaces the tokenizer's: for base models without one. Chat-format rows are rendered with it and the "
         "fine-tuned model is saved with it. Plain-text formats (text, string prompt/completion) need none.",
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels: sdpa (torch's, any device), flash_attention_2 (needs the flash-attn package, a "
+        "GPU and bf16/fp16; packed rows then cost no attention across sequences), eager (reference, slowest).",
     )
 
     @model_validator(mode="after")
@@ -303,8 +309,42 @@ class TrainingConfig(_Frozen):
     micro_batch_size: int = Field(8, ge=1, description="Rows per forward/backward (and per pool unless pruning.selection_batch_size).")
     grad_accum_steps: int = Field(1, ge=1, description="Pools per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm; null disables.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, fp32 on CPU."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Compute precision (autocast) of scoring and training. auto: bf16 on a GPU that supports it, "
+        "fp32 on CPU; bf16 and fp16 need a GPU (checked when training starts, before anything loads); fp16 adds a "
+        "loss scaler.",
+    )
+    weight_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="dtype the weights are loaded in. auto: bf16 for the frozen base of LoRA when the compute "
+        "precision is bf16 (half the memory; the adapters stay fp32), fp32 otherwise. bf16 with full fine-tuning "
+        "is pure-bf16 training (AdamW updates in bf16 lose small steps); fp32 keeps fp32 master weights.",
+    )
+    fused_adamw: bool = Field(
+        True,
+        description="AdamW's fused kernel (CPU and CUDA): the same update up to float rounding, about 10x faster than "
+        "the per-tensor loop on a CPU. false: the loop, as in runs recorded before issue 8 (rounding differences "
+        "can move a later triage threshold).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward instead of keeping them: about a "
+        "third more compute for activation memory of one layer (7B models, long rows). The scoring forward is "
+        "no-grad and unaffected.",
+    )
+    layout: Literal["packed", "padded"] = Field(
+        "packed",
+        description="How a step's rows are fed to the model, after triage (no pruning decision depends on it). "
+        "packed: rows share lanes back to back, position_ids restarting per row (no padding but lane tails); "
+        "padded: one row per lane, padded to the longest row of its micro-batch (the pre-issue-8 layout).",
+    )
+    pack_tokens: int = Field(
+        PACK_TOKENS,
+        ge=16,
+        description="layout: packed. Target tokens per lane: a step's rows are spread over ceil(tokens / pack_tokens) "
+        "lanes of even load. With sdpa/eager a lane's attention is lane x lane (masked block-diagonal), so keep it "
+        "a few typical rows long; flash_attention_2 attends within each row only.",
     )
     seed: int = Field(0, description="Seed for initialisation, data order and random selectors.")
     output_dir: str = Field("runs/default", description="Run folder: metrics.jsonl, checkpoints/, final/.")
@@ -318,10 +358,15 @@ class TrainingConfig(_Frozen):
         "model is written; false frees that space, and a finished run is then not resumable past its end.",
     )
     group_by_length: bool = Field(
-        False, description="Order pools so rows of similar length meet (less padding); changes which rows share a pool."
+        False,
+        description="layout: padded. Sort a step's trained rows by length before cutting them into micro-batches "
+        "(less padding). Rows are grouped after triage, so pools and pruning decisions do not change.",
     )
     score_chunk_tokens: int = Field(
-        SCORE_CHUNK_TOKENS, ge=16, description="Positions per chunk of the scoring head, bounding its fp32 logits to chunk x vocab."
+        SCORE_CHUNK_TOKENS,
+        ge=16,
+        description="Positions per chunk of the LM head, in scoring and in the training loss: its fp32 logits are "
+        "chunk x vocab (512 x 49,152 x 4 B = 100 MB, two such buffers at a time) instead of a micro-batch's whole.",
     )
     log_every_steps: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
     eval_every_steps: int | None = Field(
@@ -371,6 +416,17 @@ class ExperimentConfig(_YamlFile):
             problems.append(
                 f"training.eval_every_steps={self.training.eval_every_steps} needs a held-out split; set data.eval_rows "
                 "(e.g. 16) or data.eval_source, or remove training.eval_every_steps"
+            )
+        t, m = self.training, self.model
+        if t.weight_dtype == "bf16" and t.precision in ("fp16", "fp32"):
+            problems.append(
+                f"training.weight_dtype: bf16 with training.precision: {t.precision} would compute in a dtype the "
+                "weights do not have; use training.precision: bf16 (or auto) or training.weight_dtype: fp32"
+            )
+        if m.attn_implementation == "flash_attention_2" and t.precision == "fp32":
+            problems.append(
+                "model.attn_implementation: flash_attention_2 runs in bf16/fp16 only; set training.precision: bf16 "
+                "(or auto on a bf16 GPU) or use model.attn_implementation: sdpa"
             )
         if problems:
             raise ValueError("; ".join(problems))

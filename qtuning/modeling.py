@@ -50,6 +50,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTrain
     Dropout is switched off: Q-Tuning scores samples and tokens with the same model it trains, and dropout
     noise would make the scoring forward and the training forward disagree (and tests non-deterministic).
     Random weights come from torch's global RNG: call ``torch.manual_seed`` first for reproducible ones.
+    ``dtype`` is the weights' dtype; LoRA adapters on bf16 weights stay fp32 (peft's autocast_adapter_dtype).
     """
     path = resolve_model_path(cfg)
     config = AutoConfig.from_pretrained(path)
@@ -61,10 +62,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTrain
             )
         setattr(config, key, value)
     _zero_dropout(config)
+    attn = {"attn_implementation": cfg.attn_implementation}
     if cfg.random_init:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attn)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

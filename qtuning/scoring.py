@@ -1,11 +1,12 @@
 """Where a sample sits on the Error-Uncertainty plane: per-token NLL and predictive entropy.
 
-One no-grad forward through the decoder, then the LM head applied in chunks of
-positions, so the fp32 logits of a whole batch (B x T x V, 1.6 GB for 8 x 1024 x
-49k) never exist at once: a chunk of `chunk_tokens` positions costs about
-2 x chunk_tokens x V x 4 bytes. Only the positions that are needed are sent
-through the head (response targets, plus every real token for
-`entropy_scope: all`), which also skips the padding.
+One no-grad forward through the decoder (rows packed into lanes, no KV cache),
+then the LM head applied in chunks of positions (qtuning.lm.ChunkedLM), so the
+fp32 logits of a whole batch (B x T x V, 1.6 GB for 8 x 1024 x 49k) never exist
+at once: a chunk of `chunk_tokens` positions costs about 2 x chunk_tokens x V x
+4 bytes. Only the positions that are needed are sent through the head (response
+targets, plus every real token for `entropy_scope: all`), which also skips the
+padding.
 
 Alignment: scores are indexed by the *target* position t, like `labels`:
 `nll[b, t] = -log p(input_ids[b, t] | input_ids[b, :t])`, computed from the
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtuning.config import SCORE_CHUNK_TOKENS
+from qtuning.config import PACK_TOKENS, SCORE_CHUNK_TOKENS
 from qtuning.data import IGNORE_INDEX as IGNORE
+from qtuning.lm import as_lm, build_lanes, lane_plan, lanes_forward, unpad
 
 @dataclass
 class TokenScores:
@@ -30,6 +32,8 @@ class TokenScores:
     ent: Tensor  # (B, T) fp32, 0 where not scored
     response_mask: Tensor  # (B, T) bool, targets that carry loss
     ent_mask: Tensor  # (B, T) bool, positions averaged into the sample entropy
+    fed_tokens: int = 0  # positions the forward computed (lanes x width)
+    real_tokens: int = 0  # of which real tokens (the rest is lane-tail padding)
 
     def sample_ppl(self) -> Tensor:
         """PPL = exp(mean NLL over response tokens), (B,)."""
@@ -42,39 +46,24 @@ class TokenScores:
         return (self.ent * self.ent_mask).sum(1) / n
 
 
-def _decoder_and_head(model: torch.nn.Module):
-    """The transformer body and the LM head of a causal LM (PEFT-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    decoder = base.get_decoder()
-    if head is None or decoder is None:
-        raise TypeError(f"{type(base).__name__} exposes no decoder/LM head; scoring needs a causal LM")
-    cfg = base.config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-
-    def head_fn(h: Tensor) -> Tensor:
-        logits = head(h).float()
-        if scale is not None:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return decoder, head_fn
-
-
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
     input_ids: Tensor,  # (B, T)
-    attention_mask: Tensor,  # (B, T)
+    attention_mask: Tensor,  # (B, T), right padding
     labels: Tensor,  # (B, T), IGNORE off the response
     *,
     entropy_scope: Literal["response", "all"] = "response",
     chunk_tokens: int = SCORE_CHUNK_TOKENS,
+    layout: Literal["packed", "padded"] = "packed",
+    pack_tokens: int = PACK_TOKENS,
 ) -> TokenScores:
-    """Token NLL and full-vocabulary entropy from one no-grad forward, chunked over positions."""
+    """Token NLL and full-vocabulary entropy from one no-grad forward, chunked over positions.
+
+    `model`: a causal LM, or the prepared (DDP/FSDP) `qtuning.lm.ChunkedLM` the loop trains; the forward runs
+    through it, so sharded weights are gathered the way the training forward gathers them. The rows are laid out
+    longest first (`layout`); a row's scores do not depend on its batch-mates.
+    """
     B, T = input_ids.shape
     response_mask = labels != IGNORE
     response_mask[:, 0] = False  # nothing predicts position 0
@@ -85,29 +74,18 @@ def score_tokens(
         ent_mask[:, 0] = False
     needed = response_mask | ent_mask
 
-    decoder, head_fn = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    rows, lengths = unpad(input_ids, attention_mask)
+    lanes = build_lanes(rows, list(needed), lane_plan(lengths, layout, pack_tokens), pad_id=0)
+    nll_flat, ent_flat = lanes_forward(as_lm(model), lanes, None, chunk_tokens)  # (N,), (N,)
 
-    b_idx, t_idx = needed.nonzero(as_tuple=True)  # targets; predicted from t - 1
-    targets = input_ids[b_idx, t_idx]
-    nll_flat = torch.empty(len(b_idx), device=hidden.device, dtype=torch.float32)
-    ent_flat = torch.empty_like(nll_flat)
-    for s in range(0, len(b_idx), chunk_tokens):
-        e = s + chunk_tokens
-        logits = head_fn(hidden[b_idx[s:e], t_idx[s:e] - 1])  # (n, V) fp32
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        nll_flat[s:e] = lse - logits.gather(1, targets[s:e, None]).squeeze(1)
-        # H = -sum_v p log p, with log p = z - lse computed in place: at most two (n, V) buffers live
-        logp = logits.sub_(lse[:, None])
-        ent_flat[s:e] = -(logp.exp().mul_(logp)).sum(-1)
-        del logits, logp
-
-    nll = torch.zeros(B, T, device=hidden.device, dtype=torch.float32)
+    nll = torch.zeros(B, T, device=input_ids.device, dtype=torch.float32)
     ent = torch.zeros_like(nll)
-    nll[b_idx, t_idx] = nll_flat
-    ent[b_idx, t_idx] = ent_flat
-    nll = nll * response_mask
-    return TokenScores(nll=nll, ent=ent * ent_mask, response_mask=response_mask, ent_mask=ent_mask)
+    nll[lanes.row, lanes.pos] = nll_flat
+    ent[lanes.row, lanes.pos] = ent_flat
+    return TokenScores(
+        nll=nll * response_mask, ent=ent * ent_mask, response_mask=response_mask, ent_mask=ent_mask,
+        fed_tokens=lanes.fed_tokens, real_tokens=lanes.real_tokens,
+    )
 
 
 @torch.no_grad()

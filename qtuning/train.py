@@ -11,11 +11,14 @@ Each optimizer step takes `grad_accum_steps` pools of `pool_size` samples:
 1. score  - one no-grad forward gives every response token's NLL and entropy;
 2. triage - the sample rule keeps K = round(pool * sample_ratio) rows (Q2 + Q4 for Q-Tuning);
 3. prune  - the token rule removes the least useful tokens of Q2 rows from the loss;
-4. learn  - forward and backward on the kept rows only, padding trimmed to them.
+4. learn  - forward and backward on the kept rows only, packed into lanes (training.layout).
 
-Full-data runs skip step 1. The loss is a sum of token NLLs divided by the
-step's loss-token count, known before the first backward, so gradient
-accumulation over micro-batches equals one large batch exactly.
+Full-data runs skip step 1. The loss is a sum of token NLLs divided by the loss-token
+count of the whole step across processes, known before the first backward, so gradient
+accumulation equals one large batch and N processes equal one with the same global
+batch. Both forwards run through the model accelerate prepared (qtuning.lm.ChunkedLM
+under DDP/FSDP/ZeRO-3): never an unwrapped, possibly sharded module, never the full
+logits of a micro-batch.
 
 Everything leaves through `metrics.jsonl` in the output folder, `selection.parquet` (what each pool
 decided about each sample: qtuning.selection), the accelerate trackers of `training.log_with`, and an
@@ -49,13 +52,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, with_overrides
 from qtuning.pruning import NonFiniteScores, prune_pool
 from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
+from qtuning.lm import ChunkedLM, as_lm, build_lanes, lane_plan, lanes_forward, loss_targets, unpad
 from qtuning.scoring import score_tokens
 from qtuning.selection import SelectionLog, log_rows
 
@@ -63,19 +66,14 @@ LogFn = Callable[[dict[str, float], int], None]
 
 
 # --------------------------------------------------------------------------- data order
-def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
-    """The pools of one epoch, a pure function of (seed, epoch): resumable without saved sampler state."""
+def pool_order(lengths: np.ndarray, pool: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The pools of one epoch, a pure function of (seed, epoch): resumable without saved sampler state.
+
+    Lengths play no part: which rows are triaged together is the spec's business, not the layout's (rows are
+    grouped by length after triage, in `micro_batch_plan`)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    if group_by_length:  # sort within mega-batches of 50 pools, then shuffle the pools (HF's LengthGroupedSampler idea)
-        mega = pool * 50
-        order = np.concatenate(
-            [chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, len(order) // mega))]
-        )
-    pools = [order[i : i + pool] for i in range(0, len(order), pool)]
-    if group_by_length:
-        pools = [pools[i] for i in rng.permutation(len(pools))]
-    return pools
+    return [order[i : i + pool] for i in range(0, len(order), pool)]
 
 
 # --------------------------------------------------------------------------- one pool
@@ -93,6 +91,8 @@ class Pruned:
     q2_tokens: Tensor | None = None  # (2,) on device: response tokens of the kept token-pruned rows, before and after
     excluded: int = 0  # rows left out for non-finite scores (pruning.on_nonfinite: exclude)
     budget_tokens: int | None = None  # pruning.budget: equal_tokens: the loss tokens Q-Tuning would train on this pool
+    score_fed_tokens: int = 0  # positions the scoring forward computed (lanes x width)
+    score_real_tokens: int = 0  # of which real tokens
 
 
 def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
@@ -101,14 +101,15 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
     lengths = batch.attention_mask.sum(1).cpu()
     response_lengths = (batch.labels[:, 1:] != IGNORE).sum(1).cpu()
     stats = PoolStats(lengths=lengths, response_lengths=response_lengths)
-    nll = None
+    nll, fed, real = None, 0, 0
     if p.needs_scores:
         # 1. where does each sample sit on the EU plane? (no grad, chunked over the vocabulary)
         model.eval()
         scores = score_tokens(
-            model, batch.input_ids, batch.attention_mask, batch.labels,
-            entropy_scope=p.entropy_scope, chunk_tokens=cfg.training.score_chunk_tokens,
+            model, batch.input_ids, batch.attention_mask, batch.labels, entropy_scope=p.entropy_scope,
+            chunk_tokens=cfg.training.score_chunk_tokens, layout=cfg.training.layout, pack_tokens=cfg.training.pack_tokens,
         )
+        fed, real = scores.fed_tokens, scores.real_tokens
         nll = scores.nll  # (b, T)
         stats.ppl, stats.ent = scores.sample_ppl().cpu(), scores.sample_ent().cpu()  # one sync
     # 2. keep misconceptions (Q2) and calibration (Q4); drop noise (Q1) and the mastered (Q3)
@@ -127,7 +128,7 @@ def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator
     prunable = (sel.keep & sel.prune_tokens).to(labels.device)[:, None]
     q2_tokens = torch.stack([((batch.labels[:, 1:] != IGNORE) & prunable).sum(), ((labels[:, 1:] != IGNORE) & prunable).sum()])
     return Pruned(trained, weight, sel, int(response_lengths.sum()), int(lengths.sum()), loss_tokens,
-                  cut_rows, q2_tokens, decision.excluded, decision.budget_tokens)
+                  cut_rows, q2_tokens, decision.excluded, decision.budget_tokens, fed, real)
 
 
 def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
@@ -143,43 +144,81 @@ def loss_denominator(pruned: Pruned, loss_norm: str) -> Tensor:
     return (per_row.float() * w).sum()
 
 
-def weighted_nll_sum(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-    """Sum over loss tokens of w_row * NLL, from (b, T, V) logits; the caller divides by the step's denominator."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return (nll.view_as(targets) * weight[:, None].to(nll.dtype)).sum()
+def micro_batch_plan(lengths: list[int], t: TrainingConfig) -> list[list[list[int]]]:
+    """A step's trained rows as micro-batches of lanes (lists of row indices). Grouping happens after triage, so
+    it changes no pruning decision; each micro-batch holds at most micro_batch_size x (the step's longest row)
+    positions, what a padded micro-batch of them could hold.
+
+    padded: micro_batch_size rows per micro-batch, one per lane, in pool order (group_by_length: longest first);
+    packed: rows spread over lanes of about pack_tokens (qtuning.lm.lane_plan), lanes grouped longest first.
+    """
+    if not lengths:
+        return []
+    if t.layout == "padded":
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if t.group_by_length else list(range(len(lengths)))
+        return [[[i] for i in order[s : s + t.micro_batch_size]] for s in range(0, len(order), t.micro_batch_size)]
+    budget = t.micro_batch_size * max(lengths)
+    lanes = sorted(lane_plan(lengths, "packed", min(t.pack_tokens, budget)), key=lambda l: -sum(lengths[i] for i in l))
+    plan: list[list[list[int]]] = []
+    for lane in lanes:  # longest lane first: a micro-batch is as wide as its first lane
+        if plan and (len(plan[-1]) + 1) * sum(lengths[i] for i in plan[-1][0]) <= budget:
+            plan[-1].append(lane)
+        else:
+            plan.append([lane])
+    return plan
 
 
-def micro_batches(pruned: Pruned, size: int):
-    n = len(pruned.weight)
-    for s in range(0, n, size):
-        idx = torch.arange(s, min(n, s + size))
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[idx] = True
-        yield (pruned.batch.rows(keep.to(pruned.batch.labels.device)) if n > size else pruned.batch), pruned.weight[idx]
+@dataclass
+class Learned:
+    """What stage 4 did on this process: the step loss and what its forwards computed."""
+
+    loss: Tensor  # () on device, detached: this process's share of the step loss (sum over processes = the loss)
+    fed_tokens: int  # positions the training forwards computed
+    real_tokens: int  # of which real tokens
 
 
-def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Tensor:
+def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Learned:
     """Stage 4: forward and backward on the kept rows of a step's pools, micro-batch by micro-batch.
 
-    Each micro-batch's loss is divided by the whole step's denominator, so the
-    accumulated gradient is that of one large batch. Gradients are synchronised
-    across processes once, on the last backward. Returns the step loss
-    (detached, on device: no host sync here).
+    The loss is the weighted NLL sum divided by the denominator of the whole step, over every pool of every
+    process, so N processes equal one process with the same global batch, and accumulation equals one large
+    batch: DDP/FSDP average gradients over processes, so each process's sum is scaled by N. Gradients are
+    synchronised once, on the last backward, after every process has run the same number of forwards (FSDP
+    gathers weights in each). No host sync here besides the one collective of the denominator.
     """
     model.train()
-    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
-    micro = [mb for p in pools for mb in micro_batches(p, cfg.training.micro_batch_size)]
+    lm, world = as_lm(model), accelerator.num_processes
+    ids, targets, row_w = [], [], []
+    for p in pools:  # the step's trained rows, unpadded, with their loss mask and weight
+        rows, _ = unpad(p.batch.input_ids, p.batch.attention_mask)
+        ids += rows
+        targets += list(loss_targets(p.batch.labels))
+        row_w += p.weight.tolist()
+    plan = micro_batch_plan([len(r) for r in ids], cfg.training)
+    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).float().to(accelerator.device)
+    n_micro = len(plan)
+    if world > 1:  # one collective: the step's global denominator, and the most micro-batches any process runs
+        both = accelerator.gather(torch.stack([denom, torch.tensor(float(n_micro), device=denom.device)])[None])
+        denom, n_micro = both[:, 0].sum(), int(both[:, 1].max())
+    scale = world / denom.clamp(min=1.0)
+    pad_id = 0  # any id: no target is ever read from a padding position
     loss_sum = torch.zeros((), device=accelerator.device)
-    for k, (mb, w) in enumerate(micro):
-        last = k == len(micro) - 1
+    fed = real = 0
+    for k in range(n_micro):
+        last = k == n_micro - 1
+        if k < len(plan):
+            lanes = build_lanes(ids, targets, plan[k], pad_id)
+            w = torch.tensor(row_w, device=accelerator.device)[lanes.row] * scale  # (N,) per-target weight
+        else:  # this process has fewer micro-batches than another: a one-token forward with no target keeps step
+            one = torch.tensor([pad_id], device=accelerator.device)
+            lanes = build_lanes([one], [torch.zeros_like(one, dtype=torch.bool)], [[0]], pad_id)
+            w = torch.zeros(0, device=accelerator.device)
         with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (b, T, V)
-            loss = weighted_nll_sum(logits, mb.labels, w.to(logits.device)) / denom
+            loss = lanes_forward(lm, lanes, w, cfg.training.score_chunk_tokens)  # through DDP/FSDP when prepared
         accelerator.backward(loss)
         loss_sum += loss.detach()
-    return loss_sum
+        fed, real = fed + lanes.fed_tokens, real + lanes.real_tokens
+    return Learned(loss_sum, fed, real)
 
 
 # --------------------------------------------------------------------------- what the run shows besides the loss
@@ -200,7 +239,8 @@ def heldout_metrics(model, batches: list[Batch], cfg: ExperimentConfig) -> dict[
     nll_sum = torch.zeros((), dtype=torch.float64, device=batches[0].input_ids.device)
     n_tokens = torch.zeros((), dtype=torch.long, device=nll_sum.device)
     for b in batches:
-        scores = score_tokens(model, b.input_ids, b.attention_mask, b.labels, chunk_tokens=cfg.training.score_chunk_tokens)
+        scores = score_tokens(model, b.input_ids, b.attention_mask, b.labels, chunk_tokens=cfg.training.score_chunk_tokens,
+                              layout=cfg.training.layout, pack_tokens=cfg.training.pack_tokens)
         nll_sum += scores.nll.sum().double()
         n_tokens += scores.response_mask.sum()
     loss = float(nll_sum / n_tokens.clamp(min=1))  # one host sync
@@ -273,6 +313,9 @@ class TrainState:
     score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
     learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
     last_loss: float = math.nan  # the last step's loss: summary.json's final_loss, also after a resume at the end
+    loop_cpu_seconds: float = 0.0  # this process's CPU time in stages 1-4 (steadier than wall time on a shared CPU)
+    fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
+    fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
 
 
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -406,12 +449,51 @@ def plan_steps(n_samples: int, cfg: ExperimentConfig, world: int) -> tuple[int, 
     return pools_per_epoch, total_pools, steps
 
 
-def _mixed_precision(t: TrainingConfig) -> str:
-    if t.precision == "fp32" or not torch.cuda.is_available():
-        if t.precision == "bf16" and not torch.cuda.is_available():
-            raise ValueError("training.precision: bf16 needs a GPU here; use auto or fp32 on CPU")
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+def _adamw(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel (CPU and CUDA): on a 2-core CPU the per-tensor loop over SmolLM2's
+    135M weights took about 2 s a step, the fused kernel 0.2 s, a cost that does not shrink with the rows trained."""
+    if t.fused_adamw:
+        try:
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def check_device(cfg: ExperimentConfig) -> None:
+    """Refuse, before anything loads, what this machine cannot run: every problem at once, each with its fix."""
+    import importlib.util
+
+    t, m = cfg.training, cfg.model
+    gpu = torch.cuda.is_available()
+    problems = []
+    if t.precision in ("bf16", "fp16") and not gpu:
+        problems.append(f"training.precision: {t.precision} needs a GPU (this machine has none); use auto or fp32")
+    elif t.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problems.append("training.precision: bf16 is not supported by this GPU; use fp16 or auto")
+    if t.weight_dtype == "bf16" and not gpu:
+        problems.append("training.weight_dtype: bf16 needs a GPU (bf16 matmuls on a CPU are slow); use auto or fp32")
+    if m.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; "
+                            "`pip install flash-attn --no-build-isolation`, or use sdpa")
+        if not gpu:
+            problems.append("model.attn_implementation: flash_attention_2 needs a GPU; use sdpa")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _precision(t: TrainingConfig, finetune: str) -> tuple[str, torch.dtype]:
+    """(accelerate's mixed_precision, the weights' dtype) for this machine; check_device has refused the rest."""
+    gpu = torch.cuda.is_available()
+    if t.precision == "auto":
+        compute = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    else:
+        compute = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+    weights = t.weight_dtype
+    if weights == "auto":  # a frozen LoRA base needs no fp32 master copy; full fine-tuning keeps one
+        weights = "bf16" if compute == "bf16" and finetune == "lora" else "fp32"
+    return compute, {"fp32": torch.float32, "bf16": torch.bfloat16}[weights]
 
 
 def train(
@@ -439,11 +521,20 @@ def train(
 
     from qtuning.modeling import load_model, load_tokenizer, save_final
 
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
     wall_start = time.perf_counter()
     t, out = cfg.training, Path(cfg.training.output_dir)
     check_trackers(t)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t), step_scheduler_with_optimizer=False,
-                              log_with=t.log_with or None, project_dir=str(out))
+    check_device(cfg)
+    mixed_precision, weight_dtype = _precision(t, cfg.model.finetune)
+    # broadcast_buffers=False: no buffer needs syncing (rotary tables), and the broadcast would be a collective
+    # in every forward, which processes with different numbers of scoring forwards must not need
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        log_with=t.log_with or None, project_dir=str(out),
+    )
     set_seed(t.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -456,8 +547,11 @@ def train(
         data = matching_data(data, cfg.data)
     all_ids, all_labels = list(data.dataset["input_ids"]), list(data.dataset["labels"])
     lengths = np.asarray(data.dataset["length"])
-    model = load_model(cfg.model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    model = load_model(cfg.model, dtype=weight_dtype)
+    if t.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and with no_sync
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ChunkedLM(model)  # what accelerate wraps: scoring and training both go through the prepared module
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], t)
     pools_per_epoch, total_pools, total_steps = plan_steps(len(lengths), cfg, world)
     schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
@@ -490,7 +584,7 @@ def train(
         epoch, j = divmod(i, pools_per_epoch)
         if epoch not in epoch_pools:
             epoch_pools.clear()
-            epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch, t.group_by_length)
+            epoch_pools[epoch] = pool_order(lengths, cfg.pool_size, t.seed, epoch)
         return epoch_pools[epoch][j]
 
     def pool(i: int) -> Batch:
@@ -499,7 +593,7 @@ def train(
 
     bar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, disable=not (progress and accelerator.is_main_process))
     while state.step < total_steps and not stop:
-        step_start = time.perf_counter()
+        step_start, step_cpu = time.perf_counter(), time.process_time()
         # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
         pools = []
         while len(pools) < t.grad_accum_steps and state.pools_done < total_pools:
@@ -508,7 +602,7 @@ def train(
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + i)  # per-pool: resume-safe randomness
             try:
                 with accelerator.autocast():
-                    pools.append(select_pool(accelerator.unwrap_model(model), pool(i), cfg, gen))
+                    pools.append(select_pool(model, pool(i), cfg, gen))  # the prepared model: sharded under FSDP/ZeRO-3
             except NonFiniteScores as e:  # name the samples, not their positions in the pool
                 ids = data.dataset["sample_id"]
                 raise e.with_names([ids[int(pool_rows(i)[r])] for r in e.rows]) from None
@@ -520,13 +614,13 @@ def train(
         step_tokens = torch.stack([p.loss_tokens for p in pools]).sum() if pools else torch.zeros((), device=device)
         skipped = int(accelerator.reduce(step_tokens.to(device), reduction="sum")) == 0
         if not skipped:
-            loss_sum = learn(accelerator, model, pools, cfg)
+            learned = learn(accelerator, model, pools, cfg)
             if t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
         else:
-            loss_sum = torch.zeros((), device=device)
+            learned = Learned(torch.zeros((), device=device), 0, 0)
             state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -534,13 +628,16 @@ def train(
         state.step += 1
 
         # ---- bookkeeping: one reduction and one host sync per step
-        on_device = torch.stack([loss_sum, *(p.loss_tokens for p in pools)]).double()
+        on_device = torch.stack([learned.loss, *(p.loss_tokens for p in pools)]).double()
         q2_tokens = torch.stack([p.q2_tokens for p in pools]).sum(0).double()  # (2,) before, after token pruning
-        on_host = torch.tensor(_pool_counts(pools), dtype=torch.float64)
+        fed_counts = [learned.fed_tokens + sum(p.score_fed_tokens for p in pools),
+                      learned.real_tokens + sum(p.score_real_tokens for p in pools)]  # positions the forwards computed, real ones
+        on_host = torch.tensor(_pool_counts(pools) + fed_counts, dtype=torch.float64)
         totals = accelerator.reduce(torch.cat([on_device, q2_tokens, on_host.to(device)]), reduction="sum").tolist()
         loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
         q2_before, q2_after = totals[1 + len(pools) : 3 + len(pools)]
-        counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) :]))
+        counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) : -2]))
+        fed, fed_real = totals[-2:]
         n_pool, n_kept, n_resp, n_real = (counts[k] for k in ("pool", "kept", "response", "real"))
         state.loss_tokens += int(n_loss_tok)
         state.samples_trained += int(n_kept)
@@ -550,6 +647,9 @@ def train(
         state.learn_seconds += step_end - score_end
         if not skipped:
             state.last_loss = loss_value
+        state.loop_cpu_seconds += time.process_time() - step_cpu
+        state.fed_tokens += int(fed)
+        state.fed_real_tokens += int(fed_real)
         alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
         metrics = {
             "train/loss": loss_value,
@@ -564,6 +664,9 @@ def train(
             "time/score_seconds": score_end - step_start,
             "time/learn_seconds": step_end - score_end,
             "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
+            # every forward of the step (scoring and training): padding is what the layout wastes
+            "train/padding_share": 1 - fed_real / max(fed, 1),
+            "train/real_tokens_per_second": fed_real / max(step_end - step_start, 1e-9),
         }
         if skipped:  # no loss was computed: leave the curve a gap rather than a 0
             del metrics["train/loss"]
@@ -577,7 +680,7 @@ def train(
         selection.record(selection_rows(state.step, pools, pool_ids, pool_rows, sample_ids, response_tokens, pools_per_epoch))
         if heldout and (state.step == total_steps or (t.eval_every_steps and state.step % t.eval_every_steps == 0)):
             with accelerator.autocast():
-                eval_metrics = heldout_metrics(accelerator.unwrap_model(model), heldout, cfg)
+                eval_metrics = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
             metrics.update(eval_metrics)
         if state.step % t.log_every_steps == 0 or state.step == total_steps or "eval/loss" in metrics:
             if metrics_file:
@@ -596,7 +699,7 @@ def train(
     selection.close()
     if heldout and not eval_metrics:  # resumed at the end: nothing ran, measure once
         with accelerator.autocast():
-            eval_metrics = heldout_metrics(accelerator.unwrap_model(model), heldout, cfg)
+            eval_metrics = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
     summary = {
         "optimizer_steps": state.step,
         "final_loss": state.last_loss,
@@ -608,6 +711,7 @@ def train(
         "score_seconds": round(state.score_seconds, 3),
         "learn_seconds": round(state.learn_seconds, 3),
         "loop_seconds": round(state.score_seconds + state.learn_seconds, 3),  # the training loop: what pruning changes
+        "loop_cpu_seconds": round(state.loop_cpu_seconds, 3),  # the same, in this process's CPU time
         "wall_seconds": round(time.perf_counter() - wall_start, 3),  # loop + data, model load and saving
         "data_fingerprint": data.fingerprint,
         "data_rows": len(lengths),
@@ -616,14 +720,26 @@ def train(
         "world_size": world,
         **({"heldout_loss": eval_metrics["eval/loss"], "heldout_ppl": eval_metrics["eval/ppl"],
             "heldout_rows": len(data.heldout), "heldout_tokens": eval_metrics["eval/tokens"]} if eval_metrics else {}),
+        "cpu_threads": torch.get_num_threads(),  # per process: what the launcher gave it
+        "padding_share": round(1 - state.fed_real_tokens / max(state.fed_tokens, 1), 4),
+        "real_tokens_per_second": round(state.fed_real_tokens / max(state.score_seconds + state.learn_seconds, 1e-9), 1),
+        "mixed_precision": mixed_precision,
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
     }
-    if accelerator.is_main_process:
-        if save:
+    if save:
+        # the whole model, gathered from every process's shard under FSDP/ZeRO-3 (a collective: all ranks call it)
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            final = accelerator.unwrap_model(model)
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                final = ChunkedLM(load_model(cfg.model, dtype=weight_dtype))  # rank 0's module holds only its shard
+                final.load_state_dict(state_dict)
             partial = out / "final.partial"  # renamed when complete: a final/ folder is always a whole model
             shutil.rmtree(partial, ignore_errors=True)
-            save_final(accelerator.unwrap_model(model), tokenizer, partial)
+            save_final(final.model, tokenizer, partial)
             shutil.rmtree(out / "final", ignore_errors=True)
             partial.rename(out / "final")
+    if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if save and not t.keep_checkpoints_after_training:  # the final model is what later steps read
             shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -68,7 +68,8 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
     if pipeline.launcher == "python":
         cmd = [sys.executable, "-m", "qtuning.train"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        # each process its share of the cores: left unset, accelerate gives a CPU process one thread (OMP_NUM_THREADS=1)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(cpu_share(pipeline))]
         if config.training.accelerate_config:
             cmd += ["--config_file", config.training.accelerate_config]
         else:
@@ -87,6 +88,11 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
     return cmd
 
 
+def cpu_share(pipeline: PipelineConfig) -> int:
+    """Cores this process may use (its affinity, not the machine's count), divided among the training processes."""
+    return max(1, len(os.sched_getaffinity(0)) // pipeline.num_processes)
+
+
 def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
     import torch
 
@@ -95,7 +101,7 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
         env.update(MLFLOW_RUN_ID=run.run_id, MLFLOW_TRACKING_URI=run.tracking_uri)
     if pipeline.num_processes > 1 and not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo on CPU
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // pipeline.num_processes)))
+        env["OMP_NUM_THREADS"] = str(cpu_share(pipeline))  # the same share as --num_cpu_threads_per_process
     return env
 
 

@@ -1,0 +1,235 @@
+"""The causal LM as the loop calls it: rows packed into lanes, per-token quantities out, never a batch's full logits.
+
+Two things make a step cost what its FLOPs cost:
+
+- **Lanes.** The rows of a forward are laid out in lanes (the batch dimension). `packed`: several rows back to
+  back in one lane, `position_ids` restarting at 0 for each, so transformers builds a block-diagonal causal mask
+  (sdpa, eager) or runs varlen kernels (flash_attention_2) and no row sees another; `padded`: one row per lane.
+  A lane's tail is padding, given positions of its own so it too is a separate sequence. Which rows share a lane
+  changes no score and no gradient beyond float noise (tests/test_lm.py).
+- **A chunked LM head.** `ChunkedLM.forward` runs the decoder, gathers the hidden states that predict a target,
+  and applies the head `chunk_tokens` positions at a time: scoring gets each target's NLL and entropy, training
+  the weighted NLL sum with its gradient computed chunk by chunk inside the forward (as Liger's fused linear
+  cross-entropy does), so no (positions x vocabulary) logits survive a chunk: 8 x 255 x 49,152 fp32 logits are
+  400 MB, a chunk of `chunk_tokens` positions (512 by default: two 100 MB buffers) is what is ever held.
+
+`ChunkedLM` is an `nn.Module` around the Hugging Face model, prepared by accelerate as a whole: under DDP, FSDP or
+ZeRO-3 both the scoring and the training forward run through the prepared (possibly sharded) module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qtuning.config import SCORE_CHUNK_TOKENS
+from qtuning.data import IGNORE_INDEX as IGNORE
+
+
+# --------------------------------------------------------------------------- lanes
+def lane_plan(lengths: list[int], layout: str, pack_tokens: int) -> list[list[int]]:
+    """Which rows share a lane: `padded` one row each (longest first); `packed` about total / pack_tokens lanes of
+    even load, each row (longest first) into the least-loaded lane (LPT: the longest lane is at most 4/3 of the
+    best). Lanes are as wide as the longest, so among a few lane counts the one that feeds the fewest positions
+    wins, lanes no wider than 1.25 x pack_tokens (a lane's attention grows with its square) or the longest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if layout == "padded" or not order:
+        return [[i] for i in order]
+    n0 = -(-sum(lengths) // pack_tokens)
+    widest = max(lengths[order[0]], int(1.25 * pack_tokens))
+    plans = []
+    for n in sorted({max(1, min(len(order), n)) for n in (n0 - 1, n0, n0 + 1, n0 + 2)}):
+        lanes: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        for i in order:
+            j = min(range(n), key=load.__getitem__)
+            lanes[j].append(i)
+            load[j] += lengths[i]
+        plans.append((max(load) > widest, n * max(load), n, [lane for lane in lanes if lane]))
+    return min(plans, key=lambda p: p[:3])[3]  # within the width, fewest positions fed, then fewest lanes
+
+
+@dataclass
+class Lanes:
+    """One forward's input: rows laid out in lanes, and where each target's predicting hidden state sits."""
+
+    input_ids: Tensor  # (n_lanes, W)
+    position_ids: Tensor  # (n_lanes, W), restarting at 0 for each row and for the lane's padding tail
+    src: Tensor  # (N,) flat index (lane * W + pos) of the hidden state that predicts target k
+    targets: Tensor  # (N,) token ids
+    row: Tensor  # (N,) the input row of target k
+    pos: Tensor  # (N,) its position in that row (the label position, as in `labels`)
+    real_tokens: int  # non-padding positions fed
+    fed_tokens: int  # n_lanes x W
+
+
+def build_lanes(ids: list[Tensor], target_masks: list[Tensor], plan: list[list[int]], pad_id: int) -> Lanes:
+    """Lanes for rows `ids[i]` (1-D, unpadded) whose targets are the positions where `target_masks[i]` is True
+    (position 0 is never a target: nothing predicts it)."""
+    device = ids[0].device if ids else torch.device("cpu")
+    width = max((sum(len(ids[i]) for i in lane) for lane in plan), default=1)
+    input_ids = torch.full((max(1, len(plan)), width), pad_id, dtype=torch.long, device=device)
+    position_ids = torch.empty((max(1, len(plan)), width), dtype=torch.long, device=device)
+    src, rows, pos = [], [], []
+    real = 0
+    for j, lane in enumerate(plan or [[]]):
+        off = 0
+        for i in lane:
+            n = len(ids[i])
+            input_ids[j, off : off + n] = ids[i]
+            position_ids[j, off : off + n] = torch.arange(n, device=device)
+            t = target_masks[i][:n].nonzero().squeeze(1)
+            t = t[t > 0]
+            src.append(j * width + off + t - 1)
+            rows.append(torch.full_like(t, i))
+            pos.append(t)
+            off += n
+        position_ids[j, off:] = torch.arange(width - off, device=device)  # the tail: a sequence of its own
+        real += off
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+    src, row, pos = cat(src), cat(rows), cat(pos)
+    targets = input_ids.view(-1)[src + 1]  # the token right after the predicting position
+    return Lanes(input_ids, position_ids, src, targets, row, pos, real, input_ids.numel())
+
+
+def unpad(input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list[int]]:
+    """The rows of a right-padded batch without their padding, and their lengths."""
+    lengths = attention_mask.sum(1).tolist()
+    return [input_ids[b, :n] for b, n in enumerate(lengths)], lengths
+
+
+# --------------------------------------------------------------------------- the chunked head
+def _head_parts(model: nn.Module):
+    """(decoder, head weight, head bias, logit scale, final softcap) of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, decoder = base.get_output_embeddings(), base.get_decoder()
+    if head is None or decoder is None:
+        raise TypeError(f"{type(base).__name__} exposes no decoder/LM head; qtuning needs a causal LM")
+    cfg = base.config
+    return decoder, head, getattr(cfg, "logit_scale", None), getattr(cfg, "final_logit_softcapping", None)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale, softcap) -> Tensor:
+    """(n, V) fp32 logits of a chunk, with the model's logit scale and final softcap."""
+    z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
+    if scale is not None:
+        z = z * scale
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_k w_k * NLL_k of the head's logits, its gradient taken chunk by chunk during the forward.
+
+    Per chunk: logits z (c, V) fp32, p = softmax(z), dL/dz = w * (p - onehot), then dL/dh = dz @ W and
+    dL/dW += dz^T @ h. Only one chunk's (c, V) buffers exist at a time; the backward scales the stored
+    gradients by the incoming one (a scalar). The head's matmuls run once, no recompute.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, token_weight, chunk, scale, softcap):
+        grad_h = torch.zeros_like(h) if h.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, wc = h[s : s + chunk], targets[s : s + chunk], token_weight[s : s + chunk].float()
+            z = _logits(hc, weight, bias, scale, softcap)  # (c, V) fp32
+            lse = torch.logsumexp(z, dim=-1)
+            total += ((lse - z.gather(1, tc[:, None]).squeeze(1)) * wc).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            cap = 1 - (z / softcap) ** 2 if softcap else None  # z = c * tanh(x / c): dz/dx = 1 - (z / c)^2
+            dz = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dz[torch.arange(len(tc), device=dz.device), tc] -= 1.0
+            dz.mul_(wc[:, None])
+            if cap is not None:
+                dz.mul_(cap)
+                del cap
+            if scale is not None:
+                dz.mul_(scale)
+            dz = dz.to(weight.dtype)  # the head's matmuls in the weights' dtype (autocast may lower them further)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = (dz @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (dz.t() @ hc.to(weight.dtype)).float()
+            if grad_b is not None:
+                grad_b += dz.float().sum(0)
+            del z, dz
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+            None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+            None, None, None, None, None,
+        )
+
+
+class ChunkedLM(nn.Module):
+    """A causal LM whose forward returns per-target scores or a weighted loss sum, never the full logits.
+
+    forward(lanes) with `token_weight=None`: (nll, ent), each (N,) fp32, one value per target (no grad needed).
+    forward(lanes, token_weight): sum_k token_weight_k * NLL_k, a scalar whose backward reaches the decoder and
+    the head.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        # accelerate's FSDP auto-wrap reads the decoder-layer classes from the module it is given
+        self._no_split_modules = getattr(model, "_no_split_modules", None) or getattr(
+            getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (n_lanes, W)
+        position_ids: Tensor,  # (n_lanes, W)
+        src: Tensor,  # (N,)
+        targets: Tensor,  # (N,)
+        token_weight: Tensor | None = None,  # (N,) training; None: scoring
+        chunk_tokens: int = SCORE_CHUNK_TOKENS,
+    ):
+        decoder, head, scale, softcap = _head_parts(self.model)
+        # no KV cache: nothing is generated, and the cache would hold every layer's keys and values
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (n, W, H)
+        h = hidden.reshape(-1, hidden.shape[-1])[src]  # (N, H): only the positions that predict a target
+        if token_weight is not None:
+            return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, token_weight, chunk_tokens, scale, softcap)
+        nll = torch.empty(len(src), device=h.device, dtype=torch.float32)
+        ent = torch.empty_like(nll)
+        for s in range(0, len(src), chunk_tokens):
+            e = s + chunk_tokens
+            logits = _logits(h[s:e], head.weight, head.bias, scale, softcap)  # (c, V) fp32
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[s:e] = lse - logits.gather(1, targets[s:e, None]).squeeze(1)
+            # H = -sum_v p log p, with log p = z - lse computed in place: at most two (c, V) buffers live
+            logp = logits.sub_(lse[:, None])
+            ent[s:e] = -(logp.exp().mul_(logp)).sum(-1)
+            del logits, logp
+        return nll, ent
+
+
+def as_lm(model: nn.Module) -> nn.Module:
+    """`model` if it is a ChunkedLM or a wrapper of one (DDP, FSDP, DeepSpeed: `.module`), else a ChunkedLM around it."""
+    inner = getattr(model, "module", model)
+    return model if isinstance(model, ChunkedLM) or isinstance(inner, ChunkedLM) else ChunkedLM(model)
+
+
+def lanes_forward(lm: nn.Module, lanes: Lanes, token_weight: Tensor | None = None, chunk_tokens: int = SCORE_CHUNK_TOKENS):
+    return lm(lanes.input_ids, lanes.position_ids, lanes.src, lanes.targets, token_weight, chunk_tokens)
+
+
+def loss_targets(labels: Tensor) -> Tensor:
+    """Positions of a label row that carry loss (the target mask `build_lanes` takes)."""
+    return labels != IGNORE
