@@ -42,12 +42,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import Tensor
 from transformers import Trainer
 
 from qtuning.config import SCORE_CHUNK_TOKENS, ExperimentConfig, PruningConfig, TrainingConfig
-from qtuning.data import Batch, collate
-from qtuning.train import Pruned, loss_denominator, select_pool, weighted_nll_sum
+from qtuning.data import IGNORE_INDEX, Batch, collate
+from qtuning.train import Pruned, loss_denominator, select_pool
 
 WEIGHT_KEY = "qtuning_weight"  # per-row loss weights ride in the batch dict from get_batch_samples to compute_loss
 _SEED_STRIDE = 1_000_003  # the engine's per-pool seed: seed * stride + global pool index (qtuning.train)
@@ -117,6 +119,16 @@ class QTuningMixin:
             logs = {**logs, **self._qt_window.metrics(self.accelerator, self._qt_totals)}
             self._qt_window = _Window()
         super().log(logs, *args, **kwargs)
+
+
+def weighted_nll_sum(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """Sum over loss tokens of w_row * NLL from the (b, T, V) logits the Trainer's model returns; the caller divides
+    by the step's denominator. The Trainer runs the user's model through its own (DDP-wrapped) forward, so the
+    loss starts from its logits; qtuning.train's chunked head (qtuning.lm) is for the model it prepares itself."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll.view_as(targets) * weight[:, None].to(nll.dtype)).sum()
 
 
 class QTuningTrainer(QTuningMixin, Trainer):
