@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,44 @@ def test_python_m_qtuning_train_on_sharegpt_with_a_base_model_template(tmp_path)
     saved = json.loads((out / "final" / "tokenizer_config.json").read_text())
     on_disk = saved.get("chat_template") or (out / "final" / "chat_template.jinja").read_text()
     assert on_disk == QA_TEMPLATE  # the fine-tuned model keeps the template it was trained with
+
+
+# --------------------------------------------------------------------------- through `qtuning run`, as a user would
+@pytest.mark.parametrize("name", sorted(EXAMPLE_FORMATS))
+def test_each_example_file_passes_qtuning_runs_data_check_and_prepare_stage(tmp_path, monkeypatch, name):
+    """`qtuning run --config examples/formats-compare.yaml --set data.source=...`: the command's pre-flight data
+    check accepts every format, and the pipeline's prepare_data stage tokenizes it (no code change)."""
+    from prefect.logging import disable_run_logger
+
+    from commands.lifecycle import check_data
+    from commands.run import build_config, build_parser
+    from tasks.data import prepare_data
+
+    monkeypatch.chdir(REPO)
+    cfg = build_config(build_parser().parse_args([
+        "--config", "examples/formats-compare.yaml", "--set", f"data.source=examples/data/{name}",
+        f"pipeline.runs_dir={tmp_path / 'runs'}",
+    ]))
+    assert check_data(cfg.data, "qtuning run") is None
+    with disable_run_logger():
+        record = prepare_data.fn(cfg.data, cfg.model, cfg.pipeline)
+    assert 5 <= record.rows <= 10 and record.response_tokens > 0
+
+
+@pytest.mark.slow
+def test_qtuning_run_trains_a_multi_turn_sharegpt_file_end_to_end(tmp_path):
+    """The whole `qtuning run` (Prefect flow, both arms trained, lm-eval, MLflow) on a user's ShareGPT file."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path / "table.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "commands.cli", "run", "--config", "examples/formats-compare.yaml", "--no-progress",
+         "--json", str(out), "--set", "data.source=examples/data/sharegpt.jsonl", f"pipeline.runs_dir={tmp_path / 'runs'}",
+         f"pipeline.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    arms = {a["name"]: a for a in json.loads(out.read_text())["arms"]}
+    assert set(arms) == {"full", "qtuning-25x50"}
+    assert 0 < arms["qtuning-25x50"]["loss_tokens"] < arms["full"]["loss_tokens"]
