@@ -27,6 +27,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
@@ -164,13 +165,13 @@ def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pi
     reader.start()
     logged = metric_steps(run, "train/loss") if run else set()
     metrics_file = out / "metrics.jsonl"
-    progress = TrainingProgress(cfg, data, pipeline)
+    progress = TrainingProgress(cfg, data, pipeline) if TaskRunContext.get() else None  # artifacts belong to a run
     try:
         with system_metrics(run):
             while proc.poll() is None:
                 time.sleep(1.0)
                 if run:
-                    _sync_metrics(run, metrics_file, logged, progress.update)
+                    _sync_metrics(run, metrics_file, logged, progress.update if progress else None)
     finally:  # interrupted (Ctrl-C, SIGTERM, a Prefect timeout): stop the launcher and its trainers, all of them
         if proc.poll() is None:
             log.warning(f"{config.name}: stopping the training process group {proc.pid}")

@@ -37,7 +37,7 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def wait_for(what: str, pred: Callable[[], object], timeout: float, proc: subprocess.Popen | None = None,
-             log: Path | None = None):
+             log: Path | None = None, procs: list[psutil.Process] | None = None):
     """Poll `pred` until it is truthy; fail naming `what` (and the log's tail) when time runs out or `proc` ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,7 +47,8 @@ def wait_for(what: str, pred: Callable[[], object], timeout: float, proc: subpro
             break
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
-    pytest.fail(f"{what}: not within {timeout:.0f}s (exit code {proc.poll() if proc else None})\n{tail}", pytrace=False)
+    left = "\n".join(alive(procs)) if procs else ""
+    pytest.fail(f"{what}: not within {timeout:.0f}s (exit code {proc.poll() if proc else None})\n{tail}{left}", pytrace=False)
 
 
 def alive(procs: list[psutil.Process]) -> list[str]:
@@ -338,7 +339,7 @@ def test_a_trainer_whose_pipeline_is_killed_stops_and_its_run_is_closed_as_orpha
     run_id = next(tmp_path.glob("run-*")).read_text()
     proc.kill()
     proc.wait(10)  # reaped, as a shell does
-    wait_for("the trainer to stop after its parent died", lambda: not alive(tree), 60)
+    wait_for("the trainer to stop after its parent died", lambda: not alive(tree), 60, procs=tree)
     assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
     res = subprocess.run([PY, "-m", "commands.cli", "runs", "--close-orphans", "--tracking-uri", uri], env=_env(tmp_path),
