@@ -175,6 +175,7 @@ class Learned:
     loss: Tensor  # () on device, detached: this process's share of the step loss (sum over processes = the loss)
     fed_tokens: int  # positions the training forwards computed
     real_tokens: int  # of which real tokens
+    skipped: bool = False  # no process had a loss token: nothing ran, and the optimizer must not step
 
 
 def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Learned:
@@ -184,7 +185,8 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
     process, so N processes equal one process with the same global batch, and accumulation equals one large
     batch: DDP/FSDP average gradients over processes, so each process's sum is scaled by N. Gradients are
     synchronised once, on the last backward, after every process has run the same number of forwards (FSDP
-    gathers weights in each). No host sync here besides the one collective of the denominator.
+    gathers weights in each). A step without a loss token on any process runs nothing and says so (`skipped`:
+    AdamW's momentum would still move the weights). One host sync: the collective of the step's counts.
     """
     model.train()
     lm, world = as_lm(model), accelerator.num_processes
@@ -195,11 +197,15 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
         targets += list(loss_targets(p.batch.labels))
         row_w += p.weight.tolist()
     plan = micro_batch_plan([len(r) for r in ids], cfg.training)
-    denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).float().to(accelerator.device)
-    n_micro = len(plan)
-    if world > 1:  # one collective: the step's global denominator, and the most micro-batches any process runs
-        both = accelerator.gather(torch.stack([denom, torch.tensor(float(n_micro), device=denom.device)])[None])
-        denom, n_micro = both[:, 0].sum(), int(both[:, 1].max())
+    device = accelerator.device
+    denom = sum((loss_denominator(p, cfg.pruning.loss_norm) for p in pools), torch.zeros((), device=device)).float().to(device)
+    tokens = sum((p.loss_tokens for p in pools), torch.zeros((), device=device)).float().to(device)
+    counts = torch.stack([denom, tokens, torch.tensor(float(len(plan)), device=device)])[None]  # (1, 3)
+    if world > 1:  # one collective: the step's global denominator and loss tokens, the most micro-batches of any process
+        counts = accelerator.gather(counts)
+    denom, n_tokens, n_micro = counts[:, 0].sum(), int(counts[:, 1].sum()), int(counts[:, 2].max())  # a host sync
+    if n_tokens == 0:
+        return Learned(torch.zeros((), device=device), 0, 0, skipped=True)
     scale = world / denom.clamp(min=1.0)
     pad_id = 0  # any id: no target is ever read from a padding position
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -609,18 +615,15 @@ def train(
         _sync(device)
         score_end = time.perf_counter()
 
-        # ---- 4. learn from what is left, and only from it; a step without a loss token is skipped (AdamW's
-        # momentum would still move the weights). Decided on every process's count (a CPU-GPU sync point).
-        step_tokens = torch.stack([p.loss_tokens for p in pools]).sum() if pools else torch.zeros((), device=device)
-        skipped = int(accelerator.reduce(step_tokens.to(device), reduction="sum")) == 0
+        # ---- 4. learn from what is left, and only from it (a step without a loss token anywhere is skipped)
+        learned = learn(accelerator, model, pools, cfg)
+        skipped = learned.skipped
         if not skipped:
-            learned = learn(accelerator, model, pools, cfg)
             if t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
         else:
-            learned = Learned(torch.zeros((), device=device), 0, 0)
             state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
