@@ -119,6 +119,17 @@ def test_micro_batches_hold_every_row_once_and_no_more_than_a_padded_micro_batch
         assert [lane[0] for mb in plan for lane in mb] == sorted(range(21), key=lambda i: -lengths[i])
 
 
+def test_packing_widens_lanes_only_where_it_saves_positions():
+    # rows of one length: packing saves no position and widens each lane's attention, so one row per lane
+    assert lane_plan([256] * 8, "packed", 512) == [[i] for i in range(8)]
+    # one long row among short ones: one row per lane would feed 8 x 256 positions, packing about half
+    lengths = [256] + [100] * 7
+    plan = lane_plan(lengths, "packed", 512)
+    assert sorted(i for lane in plan for i in lane) == list(range(8))  # every row once
+    fed = len(plan) * max(sum(lengths[i] for i in lane) for lane in plan)
+    assert fed <= 0.6 * 8 * 256, plan
+
+
 # --------------------------------------------------------------------------- config and device refusals
 def test_bad_combinations_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigError) as e:
