@@ -73,6 +73,30 @@ def test_chunked_loss_and_its_gradient_equal_the_full_logits_ones(tiny_model, ar
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["bf16 weights", "fp32 weights, bf16 autocast"])
+def test_the_chunked_loss_in_bf16_follows_the_fp32_one(tiny_model, arc_batch, mode):
+    # the GPU's precisions, run on the CPU: gradients come back in each weight's dtype and point where fp32's do
+    b, row_w = arc_batch, torch.linspace(0.5, 2.0, arc_batch.input_ids.shape[0])
+    rows, lengths = unpad(b.input_ids, b.attention_mask)
+    lanes = build_lanes(rows, list(loss_targets(b.labels)), lane_plan(lengths, "packed", 100), pad_id=0)
+    model = tiny_model.train()
+    ref = lanes_forward(ChunkedLM(model), lanes, row_w[lanes.row], 64)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    if mode == "bf16 weights":
+        model.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "bf16 weights"):
+        got = lanes_forward(ChunkedLM(model), lanes, row_w[lanes.row], 64)
+    got.backward()
+    assert got.dtype == torch.float32  # the loss sum is accumulated in fp32 whatever the matmuls ran in
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=0)
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == p.dtype, n
+        cos = F.cosine_similarity(p.grad.float().flatten(), want[n].flatten(), dim=0)
+        assert cos > 0.98, (n, float(cos))
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces."""
 
