@@ -617,68 +617,20 @@ def train(
 
         # ---- 4. learn from what is left, and only from it (a step without a loss token anywhere is skipped)
         learned = learn(accelerator, model, pools, cfg)
-        skipped = learned.skipped
-        if not skipped:
+        if not learned.skipped:
             if t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
-        else:
-            state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         step_end = time.perf_counter()
         state.step += 1
 
-        # ---- bookkeeping: one reduction and one host sync per step
-        on_device = torch.stack([learned.loss, *(p.loss_tokens for p in pools)]).double()
-        q2_tokens = torch.stack([p.q2_tokens for p in pools]).sum(0).double()  # (2,) before, after token pruning
-        fed_counts = [learned.fed_tokens + sum(p.score_fed_tokens for p in pools),
-                      learned.real_tokens + sum(p.score_real_tokens for p in pools)]  # positions the forwards computed, real ones
-        on_host = torch.tensor(_pool_counts(pools) + fed_counts, dtype=torch.float64)
-        totals = accelerator.reduce(torch.cat([on_device, q2_tokens, on_host.to(device)]), reduction="sum").tolist()
-        loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
-        q2_before, q2_after = totals[1 + len(pools) : 3 + len(pools)]
-        counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) : -2]))
-        fed, fed_real = totals[-2:]
-        n_pool, n_kept, n_resp, n_real = (counts[k] for k in ("pool", "kept", "response", "real"))
-        state.loss_tokens += int(n_loss_tok)
-        state.samples_trained += int(n_kept)
-        state.samples_seen += int(n_pool)
-        state.nonfinite += int(counts["nonfinite"])
-        state.score_seconds += score_end - step_start
-        state.learn_seconds += step_end - score_end
-        if not skipped:
-            state.last_loss = loss_value
-        state.loop_cpu_seconds += time.process_time() - step_cpu
-        state.fed_tokens += int(fed)
-        state.fed_real_tokens += int(fed_real)
-        alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
-        metrics = {
-            "train/loss": loss_value,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/epoch": state.pools_done / pools_per_epoch,
-            "train/loss_tokens": state.loss_tokens,
-            "train/samples_trained": state.samples_trained,
-            "train/skipped_steps": state.skipped_steps,
-            "prune/kept_samples": n_kept / n_pool,
-            "prune/kept_tokens": n_loss_tok / max(n_resp, 1),  # share of the pools' response tokens that trained
-            **{f"prune/{k}": counts[k] for k in POOL_COUNTS[4:-1]},
-            "time/score_seconds": score_end - step_start,
-            "time/learn_seconds": step_end - score_end,
-            "time/tokens_per_second": n_real / max(step_end - step_start, 1e-9),
-            # every forward of the step (scoring and training): padding is what the layout wastes
-            "train/padding_share": 1 - fed_real / max(fed, 1),
-            "train/real_tokens_per_second": fed_real / max(step_end - step_start, 1e-9),
-        }
-        if skipped:  # no loss was computed: leave the curve a gap rather than a 0
-            del metrics["train/loss"]
-        if alphas:
-            metrics["prune/alpha"] = float(np.mean(alphas))
-        if q2_before:  # kept response tokens of token-pruned rows / their response tokens: ~r_t under per_sample
-            metrics["prune/q2_token_keep"] = q2_after / q2_before
-        if cfg.pruning.budget == "equal_tokens":
-            metrics["prune/budget_tokens"] = counts["budget_tokens"]
+        # ---- what the step did, on every process: one reduction and one host sync
+        metrics = record_step(accelerator, state, pools, learned, scheduler.get_last_lr()[0],
+                              (score_end - step_start, step_end - score_end, time.process_time() - step_cpu),
+                              pools_per_epoch, cfg.pruning.budget == "equal_tokens")
         pool_ids = [state.pools_done - (len(pools) - k) * world + rank for k in range(len(pools))]
         selection.record(selection_rows(state.step, pools, pool_ids, pool_rows, sample_ids, response_tokens, pools_per_epoch))
         if heldout and (state.step == total_steps or (t.eval_every_steps and state.step % t.eval_every_steps == 0)):
@@ -690,7 +642,7 @@ def train(
                 metrics_file.write(state.step, metrics)
             if log_fn and accelerator.is_main_process:
                 log_fn(metrics, state.step)
-        bar.set_postfix(loss=f"{loss_value:.3f}", kept=f"{n_kept / n_pool:.2f}", tok=f"{n_loss_tok / max(n_resp, 1):.2f}")
+        bar.set_postfix(loss=f"{state.last_loss:.3f}", kept=f"{metrics['prune/kept_samples']:.2f}", tok=f"{metrics['prune/kept_tokens']:.2f}")
         bar.update(1)
         if save and ((t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps):
             _save_checkpoint(accelerator, out, state, t.keep_checkpoints, model)
@@ -773,6 +725,70 @@ def _pool_counts(pools: list[Pruned]) -> list[float]:
             n(s.fill_in & s.prune_tokens), p.excluded, p.budget_tokens or 0,
         ])
     return [float(sum(col)) for col in zip(*rows)] if rows else [0.0] * len(POOL_COUNTS)
+
+
+def record_step(accelerator, state: TrainState, pools: list[Pruned], learned: Learned, lr: float,
+                seconds: tuple[float, float, float], pools_per_epoch: int, budget: bool) -> dict[str, float]:
+    """Adds the step's counts, summed over its pools and every process, to `state`; returns its metrics.
+
+    `seconds`: (scoring, learning, this process's CPU time) of the step. One reduction, one host sync: the step's
+    loss and loss tokens (on device), the pools' counts (host) and the positions the forwards computed.
+    """
+    world = accelerator.num_processes
+    on_device = torch.stack([learned.loss, *(p.loss_tokens for p in pools)]).double()
+    q2_tokens = torch.stack([p.q2_tokens for p in pools]).sum(0).double()  # (2,) before, after token pruning
+    fed_counts = [learned.fed_tokens + sum(p.score_fed_tokens for p in pools),
+                  learned.real_tokens + sum(p.score_real_tokens for p in pools)]  # positions the forwards computed, real ones
+    on_host = torch.tensor(_pool_counts(pools) + fed_counts, dtype=torch.float64)
+    totals = accelerator.reduce(torch.cat([on_device, q2_tokens, on_host.to(on_device.device)]), reduction="sum").tolist()
+    loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
+    q2_before, q2_after = totals[1 + len(pools) : 3 + len(pools)]
+    counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) : -2]))
+    fed, fed_real = totals[-2:]
+    n_pool, n_kept, n_resp, n_real = (counts[k] for k in ("pool", "kept", "response", "real"))
+    score_s, learn_s, cpu_s = seconds
+
+    state.loss_tokens += int(n_loss_tok)
+    state.samples_trained += int(n_kept)
+    state.samples_seen += int(n_pool)
+    state.nonfinite += int(counts["nonfinite"])
+    state.score_seconds += score_s
+    state.learn_seconds += learn_s
+    state.loop_cpu_seconds += cpu_s
+    state.fed_tokens += int(fed)
+    state.fed_real_tokens += int(fed_real)
+    if learned.skipped:
+        state.skipped_steps += 1
+    else:
+        state.last_loss = loss_value
+
+    metrics = {
+        "train/loss": loss_value,
+        "train/lr": lr,
+        "train/epoch": state.pools_done / pools_per_epoch,
+        "train/loss_tokens": state.loss_tokens,
+        "train/samples_trained": state.samples_trained,
+        "train/skipped_steps": state.skipped_steps,
+        "prune/kept_samples": n_kept / n_pool,
+        "prune/kept_tokens": n_loss_tok / max(n_resp, 1),  # share of the pools' response tokens that trained
+        **{f"prune/{k}": counts[k] for k in POOL_COUNTS[4:-1]},
+        "time/score_seconds": score_s,
+        "time/learn_seconds": learn_s,
+        "time/tokens_per_second": n_real / max(score_s + learn_s, 1e-9),
+        # every forward of the step (scoring and training): padding is what the layout wastes
+        "train/padding_share": 1 - fed_real / max(fed, 1),
+        "train/real_tokens_per_second": fed_real / max(score_s + learn_s, 1e-9),
+    }
+    if learned.skipped:  # no loss was computed: leave the curve a gap rather than a 0
+        del metrics["train/loss"]
+    alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
+    if alphas:
+        metrics["prune/alpha"] = float(np.mean(alphas))
+    if q2_before:  # kept response tokens of token-pruned rows / their response tokens: ~r_t under per_sample
+        metrics["prune/q2_token_keep"] = q2_after / q2_before
+    if budget:
+        metrics["prune/budget_tokens"] = counts["budget_tokens"]
+    return metrics
 
 
 def _stop_early(accelerator, out: Path, state: TrainState, keep: int, model, save: bool, stop: StopRequest) -> None:
