@@ -8,8 +8,9 @@ Before Prefect is imported or any server or model starts:
 
 Then `guard_run`:
 
-- runs left RUNNING on the store by processes of this host that no longer exist (killed -9, crashed) are
-  ended KILLED, and said so;
+- runs left RUNNING on the store by processes of this host that no longer exist (killed -9, crashed,
+  interrupted) are ended KILLED, and Prefect flow runs they left RUNNING are set CRASHED (tasks/flow_runs), and
+  said so;
 - a guard process watches this one: if it is killed outright, the guard stops what it had started (the
   trainers, Prefect's temporary server) and ends its MLflow runs KILLED;
 - SIGINT (a terminal's Ctrl-C, which also reaches Prefect's temporary server) and SIGTERM end this process's
@@ -60,6 +61,16 @@ def guard_run(tracking_uri: str | None, prog: str) -> None:
         closed = []
     for run_id, name, pid in closed:
         print(f"{prog}: MLflow run {name} ({run_id}) was left RUNNING by process {pid}, which is gone: ended KILLED",
+              file=sys.stderr)
+    from tasks.flow_runs import close_orphan_flow_runs
+
+    try:  # starts Prefect's temporary server when no PREFECT_API_URL is set: the flow would start it next anyway
+        crashed = close_orphan_flow_runs()
+    except Exception as e:  # an unreachable Prefect API fails the flow soon enough, with its own message
+        print(f"{prog}: could not check Prefect for orphaned flow runs: {e}", file=sys.stderr)
+        crashed = []
+    for run_id, name, pid in crashed:
+        print(f"{prog}: Prefect flow run {name} ({run_id}) was left RUNNING by process {pid}, which is gone: set CRASHED",
               file=sys.stderr)
     subprocess.Popen([sys.executable, "-m", "commands.guard", str(os.getpid()), uri], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)

@@ -170,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_prefect_defaults()
     from flows.compare import compare  # Prefect and MLflow load only now
+    from tasks.flow_runs import owned_by_this_process
 
     guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
     start = time.perf_counter()
     print(f"qtuning run: {cfg.name}: {', '.join(a.name for a in cfg.arms)} on {cfg.model.name}, "
           f"{cfg.data.limit or 'all'} rows of {cfg.data.source}, eval limit {cfg.evaluation.limit}", flush=True)
-    result = compare(cfg)
+    with owned_by_this_process():  # an interrupted run's flow runs are closed by the next (tasks/flow_runs)
+        result = compare(cfg)
     minutes = (time.perf_counter() - start) / 60
     print()
     print(result.table)

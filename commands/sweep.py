@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_prefect_defaults()  # Prefect's start-up settings, then the flow
     from flows.sweep import sweep
+    from tasks.flow_runs import owned_by_this_process
 
     guard_run(cfg.pipeline.tracking_uri, "qtuning sweep")
 
     start = time.perf_counter()
-    result = sweep(cfg)
+    with owned_by_this_process():  # an interrupted run's flow runs are closed by the next (tasks/flow_runs)
+        result = sweep(cfg)
     print()
     print(result.table)
     print(f"\nfinished in {(time.perf_counter() - start) / 60:.1f} min; MLflow parent run {result.parent_run_id}")

@@ -184,7 +184,7 @@ def close_open_runs(status: str = "KILLED") -> list[RunRef]:
     return closed
 
 
-def _alive(pid: int, started: str | None) -> bool:
+def alive(pid: int, started: str | None) -> bool:
     """Is the process that opened a run still there (same pid and start time) on this host?"""
     import psutil
 
@@ -209,7 +209,7 @@ def close_orphan_runs(uri: str) -> list[tuple[str, str, str]]:
         for run in runs:
             tags = run.data.tags
             pid = tags.get("qtuning.pid", "")
-            if not pid.isdigit() or _alive(int(pid), tags.get("qtuning.pid_started")):
+            if not pid.isdigit() or alive(int(pid), tags.get("qtuning.pid_started")):
                 continue
             c.set_tag(run.info.run_id, "qtuning.ended_by", f"orphan: its process {pid} on {host} is gone")
             c.set_terminated(run.info.run_id, "KILLED")

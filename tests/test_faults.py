@@ -481,6 +481,18 @@ def test_ctrl_c_or_sigterm_ends_qtuning_run_killed_within_seconds(tmp_path, spaw
     wait_for("no process of the run left", lambda: not alive(tree), 20)
     (out,) = list((tmp_path / "runs" / "train").glob("full-*"))
     assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
+    if how == "ctrl-c-to-the-group":  # the temporary server died with the group, before the flow run could end
+        closed = _close_orphans(tmp_path, cfg)
+        flow_runs = [line for line in closed.splitlines() if line.startswith("Prefect flow run ")]
+        assert flow_runs and all(f"left RUNNING by process {proc.pid}, which is gone: set CRASHED" in line for line in flow_runs), closed
+        assert "0 orphaned Prefect flow run(s) closed" in _close_orphans(tmp_path, cfg)  # they are no longer open
+
+
+def _close_orphans(tmp_path: Path, cfg: CompareConfig) -> str:
+    res = subprocess.run([PY, "-m", "commands.cli", "runs", "--close-orphans", "--tracking-uri", cfg.pipeline.tracking_uri],
+                         env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
 
 
 @pytest.mark.slow
