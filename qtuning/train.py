@@ -386,6 +386,56 @@ def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model
     return ckpt
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: which folder, why, and what to do. `damaged`: a file of it cannot
+    be read (an older checkpoint may still serve); else it was written for another model."""
+
+    def __init__(self, ckpt: Path | str, reason: str = "", damaged: bool = False):
+        super().__init__(f"checkpoint {ckpt} {reason}; remove {Path(ckpt).parent} to start afresh, or run without --resume"
+                         if reason else str(ckpt))
+        self.ckpt, self.reason, self.damaged = ckpt, reason, damaged
+
+
+def _resume(accelerator, ckpts: list[Path]) -> tuple[TrainState, Path]:
+    """The newest checkpoint that loads; a damaged one is said and passed over for the one before it."""
+    for ckpt in reversed(ckpts):
+        try:
+            return _load_checkpoint(accelerator, ckpt), ckpt
+        except CheckpointError as e:
+            if not e.damaged or ckpt == ckpts[0]:
+                raise
+            accelerator.print(f"checkpoint {ckpt} {e.reason}; resuming from the checkpoint before it")
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _load_checkpoint(accelerator, ckpt: Path) -> TrainState:
+    """Model, optimizer, scheduler and RNG states from `ckpt` (accelerate), and the loop's TrainState."""
+    try:
+        accelerator.load_state(str(ckpt))
+        return TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "loading state_dict" in str(e):  # torch names every key: hundreds of lines
+            raise CheckpointError(ckpt, f"does not fit this model: {_mismatch(str(e))}. It was written for another model, "
+                                  "or by a qtuning from before 2026-12 (whose weights were not under `model.`)") from None
+        damaged = (OSError, ValueError, EOFError, TypeError, RuntimeError)  # a missing or damaged file: torch, json
+        if not isinstance(e, damaged) and type(e).__module__.split(".")[0] not in ("safetensors", "pickle", "_pickle"):
+            raise
+        raise CheckpointError(ckpt, f"cannot be read ({type(e).__name__}: {str(e)[:300]})", damaged=True) from e
+
+
+def _mismatch(message: str) -> str:
+    """torch's load_state_dict error in one line: how many weights were missing, unexpected or of another shape."""
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        m = re.search(rf"{kind} key\(s\) in state_dict: ([^\n]*)", message)
+        keys = re.findall(r'"([^"]+)"', m.group(1)) if m else []
+        if keys:
+            parts.append(f"{len(keys)} {kind.lower()} weight(s) (e.g. {keys[0]})")
+    if sizes := re.findall(r"size mismatch for ([^:]+):", message):
+        parts.append(f"{len(sizes)} of another shape (e.g. {sizes[0]})")
+    return "; ".join(parts) or message.splitlines()[0]
+
+
 class StopRequest:
     """Why the loop should stop at the next step boundary: a signal (SIGTERM, SIGINT) or the death of the process
     that started training ($QTUNING_PARENT_PID, so a killed pipeline never leaves a trainer running)."""
@@ -566,9 +616,8 @@ def train(
 
     state = TrainState()
     if resume and (ckpts := _checkpoints(out)):
-        accelerator.load_state(str(ckpts[-1]))
-        state = TrainState(**json.loads((ckpts[-1] / "trainer_state.json").read_text()))
-        accelerator.print(f"resumed from {ckpts[-1]} (step {state.step}/{total_steps})")
+        state, ckpt = _resume(accelerator, ckpts)
+        accelerator.print(f"resumed from {ckpt} (step {state.step}/{total_steps})")
     elif resume:
         accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
     if accelerator.is_main_process:
@@ -866,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    except DiskSpaceError as e:
+    except (DiskSpaceError, CheckpointError) as e:
         print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
         return 1
     print(json.dumps(summary))

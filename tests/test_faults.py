@@ -193,6 +193,58 @@ def test_resuming_at_the_last_step_reports_the_last_loss(tmp_path):
     assert json.loads((out / "summary.json").read_text())["final_loss"] == pytest.approx(first["final_loss"])
 
 
+@pytest.mark.parametrize("damage", ["old weight names", "truncated weights"])
+def test_a_checkpoint_that_cannot_be_resumed_is_named_with_the_fix(tmp_path, damage):
+    """A checkpoint from before the ChunkedLM wrapper (weights not under `model.`) used to fail the resume with torch's
+    list of every missing and unexpected key (over 500 names for the 135M model); a damaged file with a bare
+    safetensors error. Either way the error now names the folder, says what is wrong in one line and the fix."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qtuning.train import CheckpointError, train
+
+    cfg = tiny_experiment(tmp_path, keep_checkpoints_after_training=True)
+    train(cfg, progress=False)
+    out = Path(cfg.training.output_dir)
+    shutil.rmtree(out / "final")
+    (ckpt,) = list((out / "checkpoints").glob("step-4"))
+    weights = ckpt / "model.safetensors"
+    if damage == "old weight names":
+        save_file({k.removeprefix("model."): v for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, resume=True, progress=False)
+    msg = str(e.value)
+    assert str(ckpt) in msg and "run without --resume" in msg and len(msg) < 1000, msg
+    if damage == "old weight names":
+        assert "missing weight(s) (e.g. model." in msg and "unexpected weight(s)" in msg and "written for another model" in msg
+    else:
+        assert "cannot be read" in msg
+
+
+def test_resuming_passes_over_a_damaged_checkpoint_for_the_one_before(tmp_path, capsys):
+    """Two checkpoints kept (steps 2 and 4); the newest's weights truncated on disk: the resume says so, loads
+    step 2 and trains steps 3 and 4 again, to the same final loss as the run that was never damaged."""
+    import shutil
+
+    from qtuning.train import train
+
+    cfg = tiny_experiment(tmp_path, keep_checkpoints_after_training=True, checkpoint_every_steps=2, keep_checkpoints=2)
+    first = train(cfg, progress=False)
+    out = Path(cfg.training.output_dir)
+    shutil.rmtree(out / "final")
+    weights = out / "checkpoints" / "step-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    again = train(cfg, resume=True, progress=False)
+    said = capsys.readouterr().out
+    assert f"checkpoint {weights.parent} cannot be read" in said and "resuming from the checkpoint before it" in said
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} (step 2/4)" in said
+    assert again["optimizer_steps"] == 4 and again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-4)
+
+
 def test_a_finished_arm_keeps_its_final_model_and_drops_its_checkpoints(tmp_path):
     """A finished arm used to keep two resumable checkpoints (1.6 GB each for the 135M model) beside its final
     model. By default (training.keep_checkpoints_after_training: false) only the final model stays, and it is
