@@ -20,9 +20,12 @@ What changes, and where (all through the Trainer's documented hooks, nothing of 
   the Trainer's `num_items_in_batch`.
 - `compute_loss`: the weighted sum of token NLLs of the micro-batch divided by that denominator, so the
   accumulated gradient is the one of a single large batch, as in `qtuning.train.learn` (`loss_is_scaled_for_ga`
-  tells `training_step` not to divide again). Across processes it is also the engine's reading: each process
-  divides by its own step's count and DDP averages the gradients (`average_tokens_across_devices` is not
-  applied). Evaluation (no pruning) keeps the parent class's loss.
+  tells `training_step` not to divide again). Across processes, with the Trainer's
+  `average_tokens_across_devices` (its default), the denominator is the step's count summed over every process
+  (one gather per step) and each process's loss is scaled by their number, since DDP averages the gradients:
+  N processes take the step of one process with the same global batch, as in `qtuning.train.learn`. Without it,
+  each process divides by its own count (a mean of per-process means). Evaluation (no pruning) keeps the parent
+  class's loss.
 - `log`: the pruning metrics of the steps since the last log (`prune/kept_samples`, `prune/kept_tokens`,
   `prune/q1`..`prune/q4`, ...) join the Trainer's own log line, so every `report_to` integration gets them.
 
@@ -93,7 +96,10 @@ class QTuningMixin:
             gen = torch.Generator().manual_seed(self.args.seed * _SEED_STRIDE + i)
             with self.accelerator.autocast():
                 pools.append(select_pool(scorer, batch_from_inputs(inputs, device), cfg, gen))
-        denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools).clamp(min=1.0)
+        denom = sum(loss_denominator(p, cfg.pruning.loss_norm) for p in pools)
+        if self._qt_global_denominator():  # the whole step's count over every process, as the Trainer's own
+            denom = self.accelerator.gather(denom.reshape(1).to(device)).sum()
+        denom = denom.clamp(min=1.0)
         self._qt_window.add(pools, time.perf_counter() - start)
         pruned = [
             {"input_ids": p.batch.input_ids, "attention_mask": p.batch.attention_mask, "labels": p.batch.labels,
@@ -111,7 +117,12 @@ class QTuningMixin:
         weight = inputs[WEIGHT_KEY].to(logits.device)
         denom = num_items_in_batch if num_items_in_batch is not None else loss_denominator_of(inputs, self.qtuning_config)
         loss = weighted_nll_sum(logits, inputs["labels"], weight) / denom
+        if self._qt_global_denominator():  # DDP averages the processes' gradients: undo the 1/N
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _qt_global_denominator(self) -> bool:
+        return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1
 
     # ---- metrics through the Trainer's own logging (report_to: mlflow, tensorboard, wandb, ...)
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -154,3 +154,44 @@ def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
         QTuningSFTTrainer(model=tiny_model, args=SFTConfig(output_dir=str(tmp_path / "pf"), padding_free=True,
                                                            per_device_train_batch_size=8, report_to=[], use_cpu=True),
                           train_dataset=datasets.Dataset.from_list(chats), processing_class=copy.deepcopy(tokenizer))
+
+
+def _trainer_step(tmp_path, name: str, processes: int, average_tokens: bool = True) -> tuple[dict, list[str]]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / name
+    out.mkdir()
+    script = [str(Path(__file__).with_name("hf_trainer_step.py")), str(out), str(2 // processes), str(int(average_tokens))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        cmd = [sys.executable, *script]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pools = sorted(p for f in out.glob("pools-*.json") for p in json.loads(f.read_text()))
+    return load_file(str(out / "weights.safetensors")), pools
+
+
+def test_two_processes_take_the_trainer_step_of_one_process_with_the_same_global_batch(tmp_path, tiny_model):
+    """With `average_tokens_across_devices` (the Trainer's default) each process divides by the whole step's
+    loss-token count and DDP's average is undone: 2 processes x 1 pool move the weights as 1 process x 2
+    accumulated pools (plain SGD: the step is lr x the gradient). Per-process counts, as before, do not."""
+    start = dict(tiny_model.named_parameters())
+    one, pools_one = _trainer_step(tmp_path, "one", 1)
+    two, pools_two = _trainer_step(tmp_path, "two", 2)
+    own, _ = _trainer_step(tmp_path, "per-process", 2, average_tokens=False)
+    assert pools_one == pools_two and len(pools_two) == 2  # the same two pools, triaged alike
+    moved = {n: one[n] - start[n].detach() for n in one}
+    assert max(float(d.abs().max()) for d in moved.values()) > 1e-4
+    for n in one:
+        torch.testing.assert_close(two[n] - start[n].detach(), moved[n], rtol=1e-3, atol=1e-6, msg=n)
+    assert any(not torch.allclose(own[n] - start[n].detach(), moved[n], rtol=1e-2, atol=1e-6) for n in one)
