@@ -35,6 +35,10 @@ row, right padding): TRL's `padding_free` and packing put several samples in one
 Randomness of the random rules is seeded per pool from `args.seed` and the pool's global index, as in the
 engine, so a resumed run repeats its decisions.
 
+Several processes: DDP (tested with 2 CPU processes). The scoring forward runs on the unwrapped model, which
+under FSDP or DeepSpeed ZeRO-3 holds one shard of the weights: for sharded training use `python -m
+qtuning.train` (`training.accelerate_config`), which scores through the prepared model.
+
 TRL is imported only when `QTuningSFTTrainer` is first used, never at import of this module.
 """
 
