@@ -13,6 +13,7 @@ Two invariants the rest of qtuning relies on:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -664,11 +665,29 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+@functools.lru_cache(maxsize=1024)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, memoised on (path, size, modification time): a process reads a file once
+    however many cache keys name it (a file rewritten changes its size or time, and is read again)."""
+    p = Path(path)
+    st = p.stat()
+    return _file_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     """sha256 over the source's content, the data config and the tokenizer: equal inputs, equal key, any process.
 
-    Local files are hashed by content in 1 MiB chunks (a 40 MB preset takes ~0.1 s), so a cache keyed on it
-    notices an edited file at any path; hub data sets contribute their ``_fingerprint``.
+    Local files count by the sha256 of their content (`file_sha256`: a 40 MB preset takes ~0.1 s, once per
+    process), so a cache keyed on it notices an edited file at any path; hub data sets contribute their
+    ``_fingerprint``.
     """
     h = hashlib.sha256()
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
@@ -679,9 +698,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
         ).encode()
     )
     if cfg.eval_source is not None:  # the held-out file, by content
-        with Path(cfg.eval_source).expanduser().open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        h.update(file_sha256(Path(cfg.eval_source).expanduser()).encode())
     src = resolve_source(cfg.source)
     if isinstance(src, str):
         h.update(datasets.load_dataset(src, split=cfg.split)._fingerprint.encode())
@@ -689,9 +706,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
         files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
         for path in files:
             h.update(str(path.relative_to(src)).encode() if src.is_dir() else b"")
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            h.update(file_sha256(path).encode())
     return h.hexdigest()
 
 

@@ -10,8 +10,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import EvalConfig, ModelConfig, PipelineConfig
+from qtuning.data import file_sha256
 from qtuning.evaluation import TASK_PREFIX, TASKS_DIR
-from tasks.stage import file_fingerprint, model_fingerprint, path_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, path_fingerprint, runs_root, stage
 from tasks.records import EvalRecord
 from tasks.tracking import RunRef, log_artifact, log_dataset, log_metrics, log_params
 
@@ -23,7 +24,7 @@ def _model_identity(model: str) -> str:
 
 
 def _ingredients(model: str, evaluation: EvalConfig, pipeline: PipelineConfig) -> dict:
-    task_files = {t: file_fingerprint(t) for t in evaluation.tasks if t.endswith((".yaml", ".yml")) and Path(t).is_file()}
+    task_files = {t: file_sha256(t) for t in evaluation.tasks if t.endswith((".yaml", ".yml")) and Path(t).is_file()}
     return {"model": _model_identity(model), "eval": evaluation, "task_files": task_files, "runs": str(runs_root(pipeline.runs_dir))}
 
 

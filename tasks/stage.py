@@ -53,6 +53,7 @@ from pydantic import BaseModel
 
 import qtuning
 from qtuning.config import BUNDLED_MODEL, ModelConfig
+from qtuning.data import file_sha256
 
 MANIFEST = "manifest.json"
 RECORD = "record.json"  # the record the body returned, for a process that waited for it (see "Once")
@@ -76,22 +77,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-@lru_cache(maxsize=1024)
-def _file_sha(path: str, size: int, mtime_ns: int) -> str:
-    """Content hash of one file; memoised on (path, size, mtime) so a process hashes a file once."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_fingerprint(path: str | Path) -> str:
-    p = Path(path)
-    st = p.stat()
-    return _file_sha(str(p.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def dir_fingerprint(path: str | Path, hash_limit_bytes: int = 16 << 20) -> str:
     """A folder's identity: names and content hashes of its files; files over `hash_limit_bytes` (weights)
     count by name, size and modification time, which changes whenever they are rewritten."""
@@ -99,14 +84,14 @@ def dir_fingerprint(path: str | Path, hash_limit_bytes: int = 16 << 20) -> str:
     entries = []
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         st = p.stat()
-        ident = file_fingerprint(p) if st.st_size <= hash_limit_bytes else f"{st.st_size}:{st.st_mtime_ns}"
+        ident = file_sha256(p) if st.st_size <= hash_limit_bytes else f"{st.st_size}:{st.st_mtime_ns}"
         entries.append((str(p.relative_to(root)), ident))
     return digest(entries)
 
 
 def path_fingerprint(path: str | Path) -> str:
     p = Path(path)
-    return dir_fingerprint(p) if p.is_dir() else file_fingerprint(p)
+    return dir_fingerprint(p) if p.is_dir() else file_sha256(p)
 
 
 def model_fingerprint(model: ModelConfig) -> str:
@@ -135,7 +120,7 @@ def library_fingerprint(root: str | Path | None = None, packages: tuple[str, ...
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    return digest({"qtuning": qtuning.__version__, "files": {str(p.relative_to(root)): file_fingerprint(p) for p in files},
+    return digest({"qtuning": qtuning.__version__, "files": {str(p.relative_to(root)): file_sha256(p) for p in files},
                    "versions": versions})
 
 
@@ -151,7 +136,7 @@ def write_manifest(out: Path, exclude: Callable[[str], bool] = lambda rel: False
     for p in sorted(q for q in out.rglob("*") if q.is_file() and q.name != MANIFEST):
         rel = p.relative_to(out).as_posix()
         if not exclude(rel):
-            files[rel] = {"size": p.stat().st_size, "sha256": file_fingerprint(p)}
+            files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     tmp.replace(out / MANIFEST)
@@ -173,7 +158,7 @@ def check_manifest(out: Path) -> str | None:
             return f"{p} is missing"
         if p.stat().st_size != meta["size"]:
             return f"{p} is damaged (size {p.stat().st_size} bytes, {meta['size']} when written)"
-        if file_fingerprint(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"{p} is damaged (its checksum differs from the one written with it)"
     return None
 

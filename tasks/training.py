@@ -31,8 +31,9 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
+from qtuning.data import file_sha256
 from tasks.records import DataRecord, TrainRecord
-from tasks.stage import file_fingerprint, model_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, runs_root, stage
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params, metric_steps, set_tags, system_metrics
 
 _PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar line
@@ -48,7 +49,7 @@ def _ingredients(config: ExperimentConfig, data: DataRecord, run: RunRef | None,
         "model": model_fingerprint(config.model),
         "world": pipeline.num_processes,
         "launcher": pipeline.launcher,
-        "accelerate_config": file_fingerprint(acc_cfg) if acc_cfg else None,
+        "accelerate_config": file_sha256(acc_cfg) if acc_cfg else None,
         "runs": str(runs_root(pipeline.runs_dir)),
     }
 
