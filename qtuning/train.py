@@ -398,14 +398,14 @@ class CheckpointError(RuntimeError):
 
 def _resume(accelerator, ckpts: list[Path]) -> tuple[TrainState, Path]:
     """The newest checkpoint that loads; a damaged one is said and passed over for the one before it."""
-    for ckpt in reversed(ckpts):
+    for ckpt in reversed(ckpts[1:]):
         try:
             return _load_checkpoint(accelerator, ckpt), ckpt
         except CheckpointError as e:
-            if not e.damaged or ckpt == ckpts[0]:
+            if not e.damaged:
                 raise
             accelerator.print(f"checkpoint {ckpt} {e.reason}; resuming from the checkpoint before it")
-    raise AssertionError("unreachable: the loop returns or raises")
+    return _load_checkpoint(accelerator, ckpts[0]), ckpts[0]  # the oldest: its error, if any, is the run's
 
 
 def _load_checkpoint(accelerator, ckpt: Path) -> TrainState:
