@@ -97,19 +97,12 @@ def guard_run(tracking_uri: str | None, prog: str) -> None:
 
 
 def stop_children(pid: int | None = None, grace_s: float = 5.0, procs=None) -> None:
-    """SIGTERM the descendants of `pid` (default: this process), e.g. Prefect's temporary server; SIGKILL after grace."""
+    """Stop the descendants of `pid` (default: this process), e.g. Prefect's temporary server, or `procs`: SIGTERM
+    (trainers first, launchers left to end with them: tasks.processes), SIGKILL after grace."""
     import psutil
+
+    from tasks.processes import stop_processes
 
     if procs is None:
         procs = psutil.Process(pid or os.getpid()).children(recursive=True)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_processes(procs, grace_s)

@@ -452,11 +452,15 @@ class StopRequest:
             self.signum, self.reason = signum, reason
 
     def install(self) -> None:
-        """Handle SIGTERM/SIGINT (a second one interrupts at once) and watch $QTUNING_PARENT_PID."""
+        """Handle SIGTERM/SIGINT and watch $QTUNING_PARENT_PID. A SIGINT after the first request interrupts at once
+        (a second Ctrl-C); a repeated SIGTERM does not: launchers pass their own SIGTERM on to a trainer that
+        is already stopping (accelerate launch does), and it must still reach its step boundary and save."""
 
         def handler(signum, frame):
-            if self:  # asked twice: stop now
+            if self and signum == signal.SIGINT:  # asked again from a terminal: stop now
                 raise KeyboardInterrupt
+            if self:
+                return
             self.request(signum, signal.Signals(signum).name)
             print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
 
@@ -844,7 +848,9 @@ def _stop_early(accelerator, out: Path, state: TrainState, keep: int, model, sav
     """The loop was asked to stop: keep this step in a checkpoint (one process: every rank is at the same step
     only when they share one signal, which a lone process always does) and raise TrainingStopped."""
     where = ""
-    if save and accelerator.num_processes == 1 and not (out / "checkpoints" / f"step-{state.step}").exists():
+    if state.step == 0:  # nothing trained yet: no checkpoint to keep
+        where = "; no step had completed, so no checkpoint was written (a rerun starts from the beginning)"
+    elif save and accelerator.num_processes == 1 and not (out / "checkpoints" / f"step-{state.step}").exists():
         where = f"; checkpoint {_save_checkpoint(accelerator, out, state, keep, model)}"
     elif ckpts := _checkpoints(out):
         where = f"; last checkpoint {ckpts[-1]}"

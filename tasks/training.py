@@ -7,13 +7,15 @@ lines throttled) and each new line of `metrics.jsonl` goes to the arm's MLflow r
 cached record is valid while the folder's manifest (final model, summary, metrics; checkpoints left out) holds.
 
 The launcher and its trainer(s) run in their own session (process group): stopping the task (an exception,
-Ctrl-C, SIGTERM) signals the whole group, so no trainer outlives the launcher; the trainer stops at a step
-boundary, saves a checkpoint and exits. The trainer also watches this process ($QTUNING_PARENT_PID) and
+Ctrl-C, SIGTERM) stops the whole group, so no trainer outlives the launcher: the trainers get SIGTERM, stop at
+a step boundary, save a checkpoint and exit, and the launcher ends with them (stop_processes); whatever is
+left after STOP_GRACE_S is killed. The trainer also watches this process ($QTUNING_PARENT_PID) and
 stops the same way when it is killed outright (kill -9).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +34,7 @@ from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
 from qtuning.data import file_sha256
+from tasks.processes import LAUNCHER, stop_processes
 from tasks.records import DataRecord, TrainRecord
 from tasks.stage import model_fingerprint, runs_root, stage
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params, metric_steps, set_tags, system_metrics
@@ -71,7 +74,7 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
         cmd = [sys.executable, "-m", "qtuning.train"]
     else:
         # each process its share of the cores: left unset, accelerate gives a CPU process one thread (OMP_NUM_THREADS=1)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(cpu_share(pipeline))]
+        cmd = [sys.executable, "-m", LAUNCHER, "--num_cpu_threads_per_process", str(cpu_share(pipeline))]
         if config.training.accelerate_config:
             cmd += ["--config_file", config.training.accelerate_config]
         else:
@@ -109,27 +112,19 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
 
 _LIVE: set[subprocess.Popen] = set()  # training process groups this process started and has not reaped
 STOP_GRACE_S = 60.0  # how long a stopped trainer may take to reach a step boundary and save its checkpoint
-
-
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the launcher's whole process group (launcher and trainers), SIGKILL it after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the launcher is gone; its trainers may still be saving: wait for the group to empty
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+    """Stop the launcher's process group (stop_processes: the trainers first), then SIGKILL anything still in it."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    stop_processes(children, grace_s, leader=proc)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything started after the look above (the leader is not reaped yet)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10.0)
     _LIVE.discard(proc)
 
 

@@ -305,6 +305,40 @@ def test_a_trainer_stopped_by_sigterm_saves_a_checkpoint_and_writes_no_final_mod
     assert f"stopped at step {step} (SIGTERM)" in log.read_text()
 
 
+def test_a_stop_before_the_first_step_says_so_and_writes_no_checkpoint(tmp_path):
+    """A stop that came before any step had completed used to save a `step-0` checkpoint of the untrained model
+    and call it the step it stopped at. Nothing is kept, and the message says a rerun starts from the beginning."""
+    import qtuning.train as T
+
+    cfg = tiny_experiment(tmp_path)
+    stop = T.StopRequest()
+    stop.request(signal.SIGTERM, "SIGTERM")
+    with pytest.raises(T.TrainingStopped) as e:
+        T.train(cfg, progress=False, stop=stop)
+    out = Path(cfg.training.output_dir)
+    assert "stopped at step 0 (SIGTERM)" in str(e.value) and "no step had completed, so no checkpoint was written" in str(e.value)
+    assert e.value.signum == signal.SIGTERM and not (out / "checkpoints").exists() and not (out / "final").exists()
+
+
+def test_a_repeated_sigterm_lets_the_trainer_save_and_a_second_ctrl_c_stops_it_now():
+    """`accelerate launch` passes its own SIGTERM on to a trainer that the pipeline has already asked to stop; that
+    second SIGTERM used to interrupt the trainer before its checkpoint (a second Ctrl-C still does)."""
+    import qtuning.train as T
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = T.StopRequest()
+    try:
+        stop.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's: no exception
+        assert stop and stop.signum == signal.SIGTERM and stop.reason == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 TRAIN_TASK = """
 import os, signal, sys, time
 from pathlib import Path
