@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 QT := $(VENV)/bin/qtuning
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup assets run test bench ui clean
+.PHONY: setup assets run test test-numerics bench ui clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,16 @@ run: assets
 
 test: assets
 	$(PY) -m pytest $(ARGS)
+
+# The float-sensitive tests (marker `numerics`) as other CPUs run them: torch's kernels without AVX (default)
+# and with AVX2 only, on 1 and 2 threads. A tolerance fitted to this CPU's rounding fails here first.
+NUMERICS_KERNELS ?= default avx2
+NUMERICS_THREADS ?= 1 2
+test-numerics: assets
+	@set -e; for k in $(NUMERICS_KERNELS); do for t in $(NUMERICS_THREADS); do \
+	  echo "== numerics: ATEN_CPU_CAPABILITY=$$k, $$t thread(s)"; \
+	  ATEN_CPU_CAPABILITY=$$k OMP_NUM_THREADS=$$t $(PY) -m pytest -m numerics -p no:cacheprovider $(ARGS); \
+	done; done
 
 bench: assets
 	$(PY) -m qtuning.bench $(ARGS)

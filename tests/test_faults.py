@@ -105,6 +105,15 @@ def tiny_experiment(tmp: Path, epochs: float = 2.0, **training) -> ExperimentCon
     )
 
 
+def slow_step_experiment(tmp: Path, epochs: float) -> ExperimentConfig:
+    """The tiny model on 16 whole ShareGPT conversations of up to 1,024 tokens a step: each step takes seconds
+    (about 6 s on the developers' 2 cores), as a step of a real model does, or of the tiny one on a slow machine."""
+    return ExperimentConfig(
+        name="arm", model=tiny_model_config(), data=DataConfig(source="sharegpt", limit=16, max_length=1024),
+        training=TrainingConfig(micro_batch_size=16, lr=1e-3, epochs=epochs, output_dir=str(tmp / "out")),
+    )
+
+
 def metric_steps(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -372,8 +381,8 @@ def train_task(tmp_path, spawn):
 
     from tasks.data import prepare_data
 
-    def start(epochs: float, launcher: str, n: int = 1, **env: str):
-        cfg = tiny_experiment(tmp_path, epochs=epochs)
+    def start(epochs: float, launcher: str, n: int = 1, slow_steps: bool = False, **env: str):
+        cfg = (slow_step_experiment if slow_steps else tiny_experiment)(tmp_path, epochs=epochs)
         pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher=launcher, progress=False)
         with disable_run_logger():
             data = prepare_data.fn(cfg.data, cfg.model, pipe)
@@ -396,19 +405,26 @@ def _training_started(train_root: Path) -> Path | None:
 
 
 @pytest.mark.slow
-def test_stopping_the_training_task_stops_the_trainer_under_accelerate_launch(train_task, spawn, tmp_path):
+@pytest.mark.parametrize("slow_steps", [False, True], ids=["steps-of-milliseconds", "steps-of-seconds"])
+def test_stopping_the_training_task_stops_the_trainer_under_accelerate_launch(train_task, spawn, tmp_path, slow_steps):
     """Stopping `qtuning run` used to stop the `accelerate launch` wrapper but not the `python -m qtuning.train`
     under it, which trained on with parent 1. The launcher runs in its own process group and the task stops
-    the whole group: nothing it started survives, and no half-written final model is left."""
-    (proc,), root = train_task(epochs=500, launcher="accelerate")
-    out = wait_for("a first training step", lambda: _training_started(root), 180, proc, tmp_path / "task-0.log")
+    the whole group: nothing it started survives, and no half-written final model is left.
+
+    The stop then often left no checkpoint at all (always, on another machine): the launcher, signalled with the
+    trainer, signalled it again, which interrupted it at once, and kills it 5 s later, which a step of seconds
+    (a slow machine, a real model) outlasts. Now only the trainer is signalled; it finishes its step, saves it
+    and exits, and the launcher with it."""
+    (proc,), root = train_task(epochs=500, launcher="accelerate", slow_steps=slow_steps)
+    out = wait_for("a first training step", lambda: _training_started(root), 240, proc, tmp_path / "task-0.log")
     tree = spawn.watch(proc.pid)
     assert any("qtuning.train" in " ".join(p.cmdline()) for p in tree) and any("accelerate" in " ".join(p.cmdline()) for p in tree)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(90)
+    proc.wait(120)
     wait_for("every process of the training gone", lambda: not alive(tree), 30)
     assert not (out / "final").exists() and not (out / "final.partial").exists()
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{metric_steps(out / 'metrics.jsonl')[-1]}"]
+    step = metric_steps(out / "metrics.jsonl")[-1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step}"]
 
 
 @pytest.mark.slow
@@ -531,8 +547,16 @@ def _start_qtuning_run(tmp_path: Path, spawn, tiny_compare_config):
     root = tmp_path / "runs" / "train"
     wait_for("`qtuning run` training its first arm", lambda: any(
         metric_steps(d / "metrics.jsonl") for d in root.glob("*-*")) if root.exists() else None, 400, proc, log)
-    time.sleep(2.0)  # the task's first metric sync
+    wait_for("the first step's metrics in the arm's MLflow run", lambda: _logged(cfg, "train/loss"), 60, proc, log)
     return proc, log, cfg
+
+
+def _logged(cfg: CompareConfig, metric: str) -> bool:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.pipeline.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.pipeline.experiment_name)
+    return exp is not None and any(metric in r.data.metrics for r in client.search_runs([exp.experiment_id]))
 
 
 def _runs(cfg: CompareConfig) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """EU scoring: chunked NLL/entropy equal the textbook computation from full logits."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ def _batch(vocab, seed=0):
     return ids, mask, labels
 
 
+@pytest.mark.numerics
 def test_chunked_scores_match_full_logits(tiny_model):
     model = tiny_model.eval()
     ids, mask, labels = _batch(model.config.vocab_size)
@@ -44,6 +46,7 @@ def test_chunked_scores_match_full_logits(tiny_model):
         torch.testing.assert_close(s.sample_ppl(), ppl, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_entropy_scope_all_averages_every_real_position(tiny_model):
     model = tiny_model.eval()
     with torch.no_grad():  # a fresh init predicts ~uniformly (entropy ln V everywhere); sharpen it so scopes differ
@@ -59,6 +62,7 @@ def test_entropy_scope_all_averages_every_real_position(tiny_model):
     assert not torch.allclose(resp_only, expect)  # the prompt changes the average
 
 
+@pytest.mark.numerics
 def test_scores_do_not_depend_on_padding_or_batch_mates(tiny_model):
     model = tiny_model.eval()
     ids, mask, labels = _batch(model.config.vocab_size, seed=2)
