@@ -6,7 +6,9 @@ how to fetch them, rather than skip, so a CI that forgot the set-up step cannot 
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -126,7 +128,7 @@ def prefect_server(tmp_path_factory, background):
 
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
-    home = tmp_path_factory.mktemp("prefect_server")
+    home = prefect_home(tmp_path_factory.mktemp("prefect_server"))
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1", "PREFECT_UI_ENABLED": "true",
@@ -158,7 +160,7 @@ def tiny_compare_config():
             data=DataConfig(source="arc", limit=16, max_length=96),
             training=TrainingConfig(micro_batch_size=8, lr=1e-3, epochs=1.0),
             evaluation=EvalConfig(limit=1, max_gen_toks=4, max_gen_toks_short=4, num_fewshot_gsm8k=1, batch_size=4),
-            pipeline=PipelineConfig(runs_dir=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db",
+            pipeline=PipelineConfig(runs_dir=str(root / "runs"), tracking_uri=mlflow_store(root / "mlflow.db"),
                                     progress=False, token_view_samples=2, train_retries=0),
         )
 
@@ -190,3 +192,50 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
             with open(report, "a") as f:
                 f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]} {name} {err / max(scale, 1e-30):.3f}\n")
         assert err <= tol * scale, f"{name}: max |diff| {err:.3e} > {tol:g} x eps32 x sqrt({terms}) x max|want| = {tol * scale:.3e}"
+
+
+# --------------------------------------------------------------------------- stores migrated once
+# A Prefect server on a new PREFECT_HOME and a new MLflow SQLite store each run their schema migrations first
+# (about 8 and 5 s of CPU on 2 cores). Tests that are not about creating them start from a copy of stores
+# migrated once per test process; the tests of store creation itself (two processes creating one MLflow store
+# at once, the first `qtuning run` of a new user) still create theirs.
+@functools.cache
+def _migrated() -> Path:
+    import atexit
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="qtuning-migrated-"))
+    atexit.register(shutil.rmtree, root, True)
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    subprocess.run([prefect, "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{root / 'mlflow-live.db'}").search_experiments()  # the client migrates a new store
+    for live, copy in ((root / "prefect" / "prefect.db", root / "prefect.db"), (root / "mlflow-live.db", root / "mlflow.db")):
+        with sqlite3.connect(live) as src, sqlite3.connect(copy) as dst:
+            src.backup(dst)  # one consistent file, whatever is still in a write-ahead log
+    return root
+
+
+def prefect_home(path: Path) -> Path:
+    """`path` as a PREFECT_HOME whose database is already migrated (its server starts seconds sooner); a database
+    already there is kept."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "prefect.db").exists():
+        shutil.copyfile(_migrated() / "prefect.db", path / "prefect.db")
+    return path
+
+
+def mlflow_store(path: Path) -> str:
+    """An MLflow SQLite store at `path`, its schema already migrated when new (a store already there is kept);
+    returns its tracking URI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        shutil.copyfile(_migrated() / "mlflow.db", path)
+    return f"sqlite:///{path}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import mlflow_store, prefect_home
 from qtuning.config import CompareConfig, DataConfig, ExperimentConfig, PipelineConfig, TrainingConfig
 from qtuning.modeling import tiny_model_config
 
@@ -28,8 +29,10 @@ PY = sys.executable
 
 
 # --------------------------------------------------------------------------- helpers
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp / "prefect_home"),
+def _env(tmp: Path, migrated: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a command a test starts; `migrated`: its PREFECT_HOME starts from a migrated database."""
+    home = prefect_home(tmp / "prefect_home") if migrated else tmp / "prefect_home"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false", **extra}
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "QTUNING_PARENT_PID"):
         env.pop(key, None)
@@ -151,7 +154,7 @@ def test_bad_data_stops_qtuning_run_in_seconds_before_prefect_or_mlflow(tmp_path
     db = tmp_path / "mlflow.db"
     start = time.perf_counter()
     res = subprocess.run([PY, "-m", "commands.cli", "run", "--data", str(data), "--tracking-uri", f"sqlite:///{db}",
-                          "--runs-dir", str(tmp_path / "runs")], env=_env(tmp_path), cwd=REPO,
+                          "--runs-dir", str(tmp_path / "runs")], env=_env(tmp_path, migrated=False), cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - start
     assert res.returncode == 2, res.stderr[-3000:]
@@ -434,7 +437,7 @@ def test_a_trainer_whose_pipeline_is_killed_stops_and_its_run_is_closed_as_orpha
     `qtuning runs --close-orphans` (also run at the start of every `qtuning run`) ends the run KILLED."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     (proc,), root = train_task(epochs=500, launcher="accelerate", FAULT_TRACKING_URI=uri)
     out = wait_for("a first training step", lambda: _training_started(root), 180, proc, tmp_path / "task-0.log")
     tree = spawn.watch(proc.pid)

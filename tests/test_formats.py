@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import mlflow_store, prefect_home
 from qtuning.config import DataConfig, ModelConfig
 from qtuning.data import IGNORE_INDEX, DataError, build_sft_dataset, load_rows
 from qtuning.modeling import load_tokenizer, read_chat_template, tiny_model_config
@@ -279,14 +280,14 @@ def test_each_example_file_passes_qtuning_runs_data_check_and_prepare_stage(tmp_
 @pytest.mark.slow
 def test_qtuning_run_trains_a_multi_turn_sharegpt_file_end_to_end(tmp_path):
     """The whole `qtuning run` (Prefect flow, both arms trained, lm-eval, MLflow) on a user's ShareGPT file."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     out = tmp_path / "table.json"
     proc = subprocess.run(
         [sys.executable, "-m", "commands.cli", "run", "--config", "examples/formats-compare.yaml", "--no-progress",
          "--json", str(out), "--set", "data.source=examples/data/sharegpt.jsonl", f"pipeline.runs_dir={tmp_path / 'runs'}",
-         f"pipeline.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+         f"pipeline.tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
