@@ -31,11 +31,11 @@ assets: setup
 run: assets
 	$(QT) run $(ARGS)
 
-# The suite in TEST_WORKERS processes (pytest-xdist); a module whose tests share a server or a trained run stays
-# in one process (marker xdist_group). TEST_WORKERS=0 runs it in this process alone.
+# The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: a module's fixtures (a server, a
+# trained run) are built once. TEST_WORKERS=0 runs it in this process alone.
 TEST_WORKERS ?= 2
 test: assets
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The float-sensitive tests (marker `numerics`) as other CPUs run them: torch's kernels without AVX (default)
 # and with AVX2 only, on 1 and 2 threads. A tolerance fitted to this CPU's rounding fails here first.
@@ -44,7 +44,7 @@ NUMERICS_THREADS ?= 1 2
 test-numerics: assets
 	@set -e; for k in $(NUMERICS_KERNELS); do for t in $(NUMERICS_THREADS); do \
 	  echo "== numerics: ATEN_CPU_CAPABILITY=$$k, $$t thread(s)"; \
-	  ATEN_CPU_CAPABILITY=$$k OMP_NUM_THREADS=$$t $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m numerics -p no:cacheprovider $(ARGS); \
+	  ATEN_CPU_CAPABILITY=$$k OMP_NUM_THREADS=$$t $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m numerics -p no:cacheprovider $(ARGS); \
 	done; done
 
 bench: assets

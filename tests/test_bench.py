@@ -13,7 +13,7 @@ FIGURES = (
 
 def test_the_quick_bench_reports_every_figure_from_its_fastest_rounds(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "qtuning.bench", "--quick", "--rows", "32", "--repeats", "2", "--json", str(out)],
+    subprocess.run([sys.executable, "-m", "qtuning.bench", "--quick", "--rows", "32", "--max-length", "128", "--repeats", "2", "--json", str(out)],
                    check=True, capture_output=True, text=True, cwd=tmp_path)
     report = json.loads(out.read_text())
     assert set(FIGURES) <= set(report), set(FIGURES) - set(report)

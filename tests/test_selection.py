@@ -19,9 +19,6 @@ from qtuning.train import train
 FULL = dict(sample="all", token="all", sample_ratio=1.0, token_ratio=1.0)
 
 
-pytestmark = pytest.mark.xdist_group("test_selection")  # the module's fixtures are built once
-
-
 def make_cfg(out: Path, pruning: dict | None = None, **training) -> ExperimentConfig:
     t = dict(micro_batch_size=8, lr=3e-3, epochs=3, schedule="constant", output_dir=str(out), max_grad_norm=None)
     t.update(training)
