@@ -112,6 +112,8 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
 
 _LIVE: set[subprocess.Popen] = set()  # training process groups this process started and has not reaped
 STOP_GRACE_S = 60.0  # how long a stopped trainer may take to reach a step boundary and save its checkpoint
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """Stop the launcher's process group (stop_processes: the trainers first), then SIGKILL anything still in it."""
     import psutil
