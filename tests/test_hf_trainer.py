@@ -91,6 +91,7 @@ class _Logs(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
+@pytest.mark.numerics
 def test_trainer_trains_on_kept_rows_and_logs_pruning_metrics(tmp_path, tokenizer, tiny_model, arc_rows):
     logs = _Logs()
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
@@ -104,7 +105,8 @@ def test_trainer_trains_on_kept_rows_and_logs_pruning_metrics(tmp_path, tokenize
     for entry in steps:
         assert 0.25 <= entry["prune/kept_samples"] < 1  # K = 2 of 8, more only when the quadrants hold more
         assert 0 < entry["prune/kept_tokens"] < 1
-        assert entry["prune/q2"] + entry["prune/q4"] == pytest.approx(entry["prune/kept_samples"] * 8)
+        # kept = the Q2 and Q4 rows plus the fill-ins (rows of other quadrants, taken when those hold fewer than K)
+        assert entry["prune/q2"] + entry["prune/q4"] + entry["prune/filled"] == pytest.approx(entry["prune/kept_samples"] * 8)
         assert {"prune/q1", "prune/q3", "prune/alpha", "train/loss_tokens", "time/score_seconds"} <= entry.keys()
     assert steps[1]["train/loss_tokens"] > steps[0]["train/loss_tokens"] > 0
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
