@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(result.table)
     print()
-    print(f"finished in {minutes:.1f} min; MLflow parent run {result.parent_run_id} ({result.tracking_uri})")
+    print(f"finished in {minutes:.1f} min; MLflow parent run {result.parent_run_id} ({without_credentials(result.tracking_uri)})")
     print(f"open the MLflow UI:  {result.ui_command}")
     if args.json:
         Path(args.json).write_text(json.dumps(result_json(result), indent=2) + "\n")
@@ -192,3 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` with any user:password in it replaced by ***, for printing (postgresql://u:p@host/db -> postgresql://***@host/db)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit((parts.scheme, "***@" + parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))

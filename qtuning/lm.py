@@ -203,7 +203,9 @@ class ChunkedLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        # accelerate's FSDP auto-wrap reads the decoder-layer classes from the module it is given
+        # accelerate's FSDP auto-wrap reads the decoder-layer classes from the module it is given, through the
+        # attribute transformers models declare for it (`_no_split_modules`): that attribute is the contract between
+        # the two libraries, and neither offers a public accessor; the wrapper passes the inner model's on
         self._no_split_modules = getattr(model, "_no_split_modules", None) or getattr(
             getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None
         )

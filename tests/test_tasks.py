@@ -345,3 +345,11 @@ def test_an_equal_recipe_under_another_name_reuses_the_training_folder(tmp_path)
     assert training.output_dir(cfg, data, None, pipe, key=key).name == f"arm-{key[:12]}"
     (tmp_path / "train" / f"arm-{key[:12]}" / "final").mkdir(parents=True)
     assert training.output_dir(renamed, data, None, pipe, key=key) == training.output_dir(cfg, data, None, pipe, key=key)
+
+
+def test_the_run_summary_line_shows_a_tracking_uri_without_its_credentials():
+    from commands.run import without_credentials
+
+    assert without_credentials("postgresql://user:secret@db.example:5432/mlflow") == "postgresql://***@db.example:5432/mlflow"
+    assert without_credentials("https://token@mlflow.example/") == "https://***@mlflow.example/"
+    assert without_credentials("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
