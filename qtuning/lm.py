@@ -3,10 +3,15 @@
 Two things make a step cost what its FLOPs cost:
 
 - **Lanes.** The rows of a forward are laid out in lanes (the batch dimension). `packed`: several rows back to
-  back in one lane, `position_ids` restarting at 0 for each, so transformers builds a block-diagonal causal mask
-  (sdpa, eager) or runs varlen kernels (flash_attention_2) and no row sees another; `padded`: one row per lane.
-  A lane's tail is padding, given positions of its own so it too is a separate sequence. Which rows share a lane
-  changes no score and no gradient beyond float noise (tests/test_lm.py).
+  back in one lane, `position_ids` restarting at 0 for each; `padded`: one row per lane. A lane's tail is
+  padding, given positions of its own so it too is a separate sequence. No row sees another, by construction
+  for each attention implementation (`isolation_kwargs`): flash-attention gets the sequences' cumulative lengths
+  explicitly (its varlen kernel over the flattened lanes, as transformers' `DataCollatorWithFlattening` feeds
+  it); sdpa, eager and flex attention get transformers' packed-sequence mask, which `create_causal_mask` (and its
+  sliding-window and chunked variants) builds from restarting `position_ids` whenever no 2-D mask and no cache
+  are passed, which is how this module calls the decoder; any other implementation is refused for lanes that
+  hold several rows. Which rows share a lane changes no score and no gradient beyond float noise
+  (tests/test_isolation.py, through transformers' own dispatch for eager, sdpa and flash-attention).
 - **A chunked LM head.** `ChunkedLM.forward` runs the decoder, gathers the hidden states that predict a target,
   and applies the head `chunk_tokens` positions at a time: scoring gets each target's NLL and entropy, training
   the weighted NLL sum with its gradient computed chunk by chunk inside the forward (as Liger's fused linear
@@ -26,6 +31,9 @@ from torch import Tensor, nn
 
 from qtuning.config import SCORE_CHUNK_TOKENS
 from qtuning.data import IGNORE_INDEX as IGNORE
+
+# attention implementations whose mask transformers builds from restarting position_ids (masking_utils)
+MASKED_BY_POSITIONS = ("sdpa", "eager", "flex_attention")
 
 
 # --------------------------------------------------------------------------- lanes
@@ -115,6 +123,43 @@ def unpad(input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list
     """The rows of a right-padded batch without their padding, and their lengths."""
     lengths = attention_mask.sum(1).tolist()
     return [input_ids[b, :n] for b, n in enumerate(lengths)], lengths
+
+
+# --------------------------------------------------------------------------- rows that share a lane never meet
+def attention_implementation(model: nn.Module) -> str:
+    """The attention implementation the model's layers dispatch to (transformers keeps it on the config only)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None) or "eager"
+
+
+def isolation_kwargs(implementation: str, position_ids: Tensor, src: Tensor) -> dict:
+    """The decoder's keyword arguments that keep each sequence of the lanes (a row, or a lane's padding tail) to
+    itself under `implementation`.
+
+    flash-attention (any flavour: the flash-attn packages or a hub kernel): the cumulative sequence lengths over the
+    flattened lanes (transformers' `prepare_fa_kwargs_from_position_ids`); transformers then runs the varlen
+    kernel over all lanes as one ragged batch. Without them it infers sequences from `position_ids` only when
+    there is a single lane, and with several it attends across a lane's rows.
+    sdpa, eager, flex: nothing; transformers builds the block-diagonal causal mask from `position_ids`.
+    Anything else: refused when a lane holds more than one row (a padding tail after a row is harmless: causal
+    attention never looks ahead).
+    """
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if is_flash_attention_requested(requested_attention_implementation=implementation):
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids.reshape(1, -1))
+        return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+    if implementation in MASKED_BY_POSITIONS:
+        return {}
+    segment = (position_ids == 0).cumsum(1).reshape(-1) - 1  # 0 for a lane's first sequence
+    if bool((segment[src] > 0).any()):
+        raise ValueError(
+            f"attention implementation {implementation!r} cannot keep rows that share a lane apart; set "
+            "training.layout: padded, or model.attn_implementation: sdpa, eager or flash_attention_2"
+        )
+    return {}
 
 
 # --------------------------------------------------------------------------- the chunked head
@@ -221,7 +266,8 @@ class ChunkedLM(nn.Module):
     ):
         decoder, head, scale, softcap = _head_parts(self.model)
         # no KV cache: nothing is generated, and the cache would hold every layer's keys and values
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (n, W, H)
+        isolate = isolation_kwargs(attention_implementation(self.model), position_ids, src)
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **isolate).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[src]  # (N, H): only the positions that predict a target
         if token_weight is not None:
             return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, token_weight, chunk_tokens, scale, softcap)
