@@ -19,11 +19,14 @@ Two things make a step cost what its FLOPs cost:
   400 MB, a chunk of `chunk_tokens` positions (512 by default: two 100 MB buffers) is what is ever held.
 
 `ChunkedLM` is an `nn.Module` around the Hugging Face model, prepared by accelerate as a whole: under DDP, FSDP or
-ZeRO-3 both the scoring and the training forward run through the prepared (possibly sharded) module.
+ZeRO-3 both the scoring and the training forward run through the prepared (possibly sharded) module. The head
+is the model's own (`Head`, `check_head`): its logit scaling and softcap as its forward applies them, adapters
+on `lm_head` through the module itself.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -162,15 +165,101 @@ def isolation_kwargs(implementation: str, position_ids: Tensor, src: Tensor) -> 
     return {}
 
 
-# --------------------------------------------------------------------------- the chunked head
-def _head_parts(model: nn.Module):
-    """(decoder, head weight, head bias, logit scale, final softcap) of a causal LM, PEFT-wrapped or not."""
+# --------------------------------------------------------------------------- the LM head as the model defines it
+# Config fields that scale a causal LM's logits, and the models that read them: Cohere multiplies by
+# `logit_scale`; Granite divides by `logits_scaling` and HyperCLOVA X multiplies by it; Falcon-H1 multiplies by
+# `lm_head_multiplier`; Muse by `output_multiplier`. A name does not say which way, so the model says: each
+# candidate is checked against the model's own forward (`check_head`), and one that reproduces no candidate is
+# refused. Gemma 2/3's `final_logit_softcapping` is applied after the scale, as they do.
+SCALE_FIELDS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+SOFTCAP_FIELD = "final_logit_softcapping"
+
+
+@dataclass(frozen=True)
+class Head:
+    """How a chunk of hidden states becomes logits: the output layer, then x scale, then the softcap.
+
+    `fused`: the layer is a plain `nn.Linear`, whose matmuls the training loss runs itself with the gradient
+    taken inside the forward (`_LinearCrossEntropy`); any other layer (a LoRA adapter on `lm_head`, a quantised
+    linear) is called as the module it is, chunk by chunk under activation checkpointing, so adapters and their
+    gradients are the module's own."""
+
+    module: nn.Module
+    scale: float | None
+    softcap: float | None
+
+    @property
+    def fused(self) -> bool:
+        return type(self.module) is nn.Linear
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(c, V) fp32 logits of a chunk of hidden states."""
+        if self.fused:
+            return _logits(h, self.module.weight, self.module.bias, self.scale, self.softcap)
+        z = self.module(h).float()
+        if self.scale is not None:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (scale, softcap), checked once
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(the causal LM under any PEFT wrapper, its decoder, its output layer)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head, decoder = base.get_output_embeddings(), base.get_decoder()
     if head is None or decoder is None:
         raise TypeError(f"{type(base).__name__} exposes no decoder/LM head; qtuning needs a causal LM")
-    cfg = base.config
-    return decoder, head, getattr(cfg, "logit_scale", None), getattr(cfg, "final_logit_softcapping", None)
+    return base, decoder, head
+
+
+def check_head(model: nn.Module, probe_tokens: int = 8) -> tuple[float | None, float | None]:
+    """The (scale, softcap) with which the output layer's logits equal the model's own, found by one no-grad
+    forward of `probe_tokens` tokens through both; a model whose logits are none of the candidates is refused
+    with its type named. Checked once per model (a model on the meta device cannot run and is trusted)."""
+    base, decoder, head = _parts(model)
+    if base in _CHECKED:
+        return _CHECKED[base]
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    softcap = getattr(cfg, SOFTCAP_FIELD, None) or None
+    candidates: list[float | None] = [None]
+    for name in SCALE_FIELDS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
+            candidates += [float(v), 1.0 / float(v)]
+    param = next(iter(base.parameters()), None)
+    if param is None or param.device.type == "meta":  # weights not loaded here (a rank of a sharded load)
+        if len(candidates) > 1:
+            raise ValueError(f"{getattr(cfg, 'model_type', type(base).__name__)}: the direction of its logit scaling "
+                             "is checked by a forward, and its weights are not loaded in this process (meta device)")
+        return None, softcap
+    ids = (torch.arange(probe_tokens, device=param.device) * 7919 + 11) % cfg.vocab_size
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            want = base(input_ids=ids[None], use_cache=False).logits[0].float()
+            hidden = decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+            # fp32 weights agree to rounding; bf16/fp16 ones to their precision (the two paths round differently)
+            tol = (1e-3 if param.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
+            for scale in candidates:
+                got = Head(head, scale, softcap).logits(hidden)
+                if float((got - want).abs().max()) <= tol:
+                    _CHECKED[base] = (scale, softcap)
+                    return scale, softcap
+    finally:
+        base.train(was_training)
+    fields = [f"{n}={getattr(cfg, n)}" for n in (*SCALE_FIELDS, SOFTCAP_FIELD) if getattr(cfg, n, None) is not None]
+    raise ValueError(
+        f"model type {getattr(cfg, 'model_type', type(base).__name__)!r}: its forward turns the LM head's output "
+        f"into logits in a way qtuning's chunked head does not reproduce ({', '.join(fields) or 'no scaling field'}; "
+        "known: x logit_scale, / or x logits_scaling, x lm_head_multiplier, x output_multiplier, then "
+        "final_logit_softcapping). Its scores and loss would be wrong, so it is refused: train a model of another "
+        "type, or report the model type so its head can be added to qtuning.lm.SCALE_FIELDS"
+    )
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale, softcap) -> Tensor:
@@ -181,6 +270,23 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale, softcap) -> T
     if softcap:
         z = torch.tanh(z / softcap) * softcap
     return z
+
+
+def _chunk_nll_sum(head: Head, h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    z = head.logits(h)
+    return ((torch.logsumexp(z, dim=-1) - z.gather(1, targets[:, None]).squeeze(1)) * weight.float()).sum()
+
+
+def module_cross_entropy(head: Head, h: Tensor, targets: Tensor, token_weight: Tensor, chunk: int) -> Tensor:
+    """sum_k w_k * NLL_k through any output module: each chunk's logits recomputed in the backward
+    (activation checkpointing), so, as in the fused path, only one chunk's logits exist at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        e = s + chunk
+        total = total + checkpoint(_chunk_nll_sum, head, h[s:e], targets[s:e], token_weight[s:e], use_reentrant=False)
+    return total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -248,6 +354,7 @@ class ChunkedLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.head_transform = check_head(model)  # (scale, softcap), checked on the unsharded model
         # accelerate's FSDP auto-wrap reads the decoder-layer classes from the module it is given, through the
         # attribute transformers models declare for it (`_no_split_modules`): that attribute is the contract between
         # the two libraries, and neither offers a public accessor; the wrapper passes the inner model's on
@@ -264,18 +371,21 @@ class ChunkedLM(nn.Module):
         token_weight: Tensor | None = None,  # (N,) training; None: scoring
         chunk_tokens: int = SCORE_CHUNK_TOKENS,
     ):
-        decoder, head, scale, softcap = _head_parts(self.model)
-        # no KV cache: nothing is generated, and the cache would hold every layer's keys and values
+        _, decoder, module = _parts(self.model)
+        head = Head(module, *self.head_transform)
         isolate = isolation_kwargs(attention_implementation(self.model), position_ids, src)
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **isolate).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[src]  # (N, H): only the positions that predict a target
         if token_weight is not None:
-            return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, token_weight, chunk_tokens, scale, softcap)
+            if not head.fused:
+                return module_cross_entropy(head, h, targets, token_weight, chunk_tokens)
+            return _LinearCrossEntropy.apply(h, module.weight, module.bias, targets, token_weight, chunk_tokens,
+                                             head.scale, head.softcap)
         nll = torch.empty(len(src), device=h.device, dtype=torch.float32)
         ent = torch.empty_like(nll)
         for s in range(0, len(src), chunk_tokens):
             e = s + chunk_tokens
-            logits = _logits(h[s:e], head.weight, head.bias, scale, softcap)  # (c, V) fp32
+            logits = head.logits(h[s:e])  # (c, V) fp32
             lse = torch.logsumexp(logits, dim=-1)
             nll[s:e] = lse - logits.gather(1, targets[s:e, None]).squeeze(1)
             # H = -sum_v p log p, with log p = z - lse computed in place: at most two (c, V) buffers live
