@@ -59,6 +59,7 @@ from qtuning.data import IGNORE_INDEX, Batch, collate
 from qtuning.train import Pruned, loss_denominator, select_pool
 
 WEIGHT_KEY = "qtuning_weight"  # per-row loss weights ride in the batch dict from get_batch_samples to compute_loss
+PRUNED_KEY = "qtuning_pruned_tokens"  # and per-row counts of the response tokens token pruning took (all_tokens norm)
 _SEED_STRIDE = 1_000_003  # the engine's per-pool seed: seed * stride + global pool index (qtuning.train)
 
 
@@ -107,7 +108,8 @@ class QTuningMixin:
         self._qt_window.add(pools, time.perf_counter() - start)
         pruned = [
             {"input_ids": p.batch.input_ids, "attention_mask": p.batch.attention_mask, "labels": p.batch.labels,
-             WEIGHT_KEY: p.weight}
+             WEIGHT_KEY: p.weight,
+             PRUNED_KEY: p.pruned_tokens if p.pruned_tokens is not None else torch.zeros_like(p.weight, dtype=torch.long)}
             for p in pools
         ]
         return pruned, denom
@@ -219,8 +221,9 @@ def batch_from_inputs(inputs: dict[str, Any], device: torch.device) -> Batch:
 def loss_denominator_of(inputs: dict[str, Any], cfg: ExperimentConfig) -> torch.Tensor:
     """One micro-batch's own denominator (compute_loss called without the step's, e.g. by a subclass)."""
     b = Batch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-    weight = inputs[WEIGHT_KEY]
-    return loss_denominator(Pruned(b, weight, None, 0, 0, torch.zeros(())), cfg.pruning.loss_norm).clamp(min=1.0)
+    weight, cut = inputs[WEIGHT_KEY], inputs.get(PRUNED_KEY)
+    pruned = Pruned(b, weight, None, 0, 0, torch.zeros(()), pruned_tokens=cut)
+    return loss_denominator(pruned, cfg.pruning.loss_norm).clamp(min=1.0)
 
 
 def collator(pad_token_id: int) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:

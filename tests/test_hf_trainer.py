@@ -13,8 +13,8 @@ from transformers import TrainerCallback, TrainingArguments
 from conftest import assert_grads_close
 from qtuning.config import DataConfig, PruningConfig
 from qtuning.data import build_sft_dataset, collate
-from qtuning.hf_trainer import QTuningTrainer, collator, experiment_for
-from qtuning.train import learn, select_pool
+from qtuning.hf_trainer import QTuningTrainer, collator, experiment_for, loss_denominator_of
+from qtuning.train import learn, loss_denominator, select_pool
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 SEED = 3
@@ -81,6 +81,22 @@ def test_plugin_keeps_the_engines_rows_and_tokens_and_gives_its_gradient(tmp_pat
         trainer.training_step(trainer.model, mb, denom)
     learn(Accelerator(cpu=True), engine_model, engine, cfg)
     assert_grads_close(_grads(trainer.model), _grads(engine_model), terms=sum(int(mb["attention_mask"].sum()) for mb in pruned))
+
+
+def test_a_micro_batchs_own_denominator_leaves_out_the_pruned_tokens(tmp_path, tokenizer, tiny_model, arc_rows):
+    """compute_loss without the step's count (a subclass calling it alone) divides by the micro-batch's own: under
+    loss_norm all_tokens the response tokens token pruning took are not counted again."""
+    pruning = PruningConfig(sample="qtuning", token="qtuning", loss_norm="all_tokens")
+    args = _args(tmp_path)
+    trainer = QTuningTrainer(model=tiny_model, args=args, train_dataset=arc_rows,
+                             data_collator=collator(tokenizer.pad_token_id), pruning=pruning)
+    batch = collator(tokenizer.pad_token_id)(list(arc_rows.select(range(8))))
+    (mb,), _ = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    cfg = experiment_for(pruning, args)
+    ref = select_pool(tiny_model, collate(arc_rows[:8]["input_ids"], arc_rows[:8]["labels"], tokenizer.pad_token_id),
+                      cfg, torch.Generator().manual_seed(SEED * 1_000_003))
+    assert int(ref.pruned_tokens.sum()) > 0  # token pruning took some: the case that counted them twice
+    assert float(loss_denominator_of(mb, cfg)) == float(loss_denominator(ref, "all_tokens"))
 
 
 class _Logs(TrainerCallback):
