@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import flow
 
 from qtuning.config import CompareConfig
+from qtuning.confine import check_confined
 from flows.experiment import experiment, zero_shot
 from tasks.comparison import compare_arms
 from tasks.data import fetch_assets, log_data, prepare_data
@@ -26,6 +27,7 @@ from tasks.tracking import run_status
 @flow(name="compare", flow_run_name="compare-{config.name}")
 def compare(config: CompareConfig = CompareConfig()) -> ComparisonResult:
     """Run every arm of `config` (and the zero-shot row if asked) and build the comparison table."""
+    check_confined(config=config)  # a deployment's parameters: paths only under $QTUNING_ALLOWED_ROOTS
     pipeline, ref = config.pipeline, config.reference_arm
     parent = open_run(config.name, pipeline, config, kind="comparison")
     with run_status(parent):

@@ -12,6 +12,7 @@ from prefect import flow
 
 from qtuning.config import ExperimentConfig, ModelConfig, PipelineConfig
 from qtuning.config import EvalConfig
+from qtuning.confine import check_confined
 from tasks.comparison import arm_result
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.evaluation import evaluate, log_evaluation
@@ -35,6 +36,7 @@ def experiment(
     static_batch: Literal["scaled", "same"] = "scaled",
 ) -> ArmResult:
     """Train and benchmark one configuration; its MLflow run is a child of `parent` when given."""
+    check_confined(config=config, evaluation=evaluation, pipeline=pipeline)  # paths only under $QTUNING_ALLOWED_ROOTS
     run = open_run(config.name, pipeline, config, parent=parent, kind="arm")
     with run_status(run):
         fetch_assets(config.model, config.data, evaluation)
@@ -56,6 +58,7 @@ def experiment(
 @flow(name="zero-shot")
 def zero_shot(model: ModelConfig, evaluation: EvalConfig, pipeline: PipelineConfig, parent: RunRef | None = None) -> ArmResult:
     """Benchmark the untrained model: the comparison's 'zero-shot' row."""
+    check_confined(model=model, evaluation=evaluation, pipeline=pipeline)
     run = open_run("zero-shot", pipeline, model, parent=parent, kind="zero-shot")
     with run_status(run):
         evaluated = evaluate(model.name, evaluation, pipeline)

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, ModelConfig, PipelineConfig
 from qtuning.config import EvalConfig
+from qtuning.confine import check_confined
 from qtuning.evaluation import TASK_PREFIX
 
 
@@ -50,6 +51,7 @@ def health(
     pipeline: PipelineConfig = PipelineConfig(),
 ) -> dict[str, str]:
     """Check that the assets a comparison needs are cached and that its MLflow store answers."""
+    check_confined(model=model, data=data, evaluation=evaluation, pipeline=pipeline)
     found = {**check_assets(model, data, evaluation), **check_tracking(pipeline)}
     get_run_logger().info("ready: %s", ", ".join(f"{k}={v}" for k, v in found.items()))
     return found

@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.experiment import experiment
 from qtuning.config import SweepConfig
+from qtuning.confine import check_confined
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.records import SweepResult
 from tasks.runs import open_run
@@ -24,6 +25,7 @@ from tasks.tracking import run_status
 @flow(name="sweep", flow_run_name="sweep-{config.name}")
 def sweep(config: SweepConfig = SweepConfig()) -> SweepResult:
     """Train and benchmark every (seed, arm) of `config`; the result is the aggregated table."""
+    check_confined(config=config)  # a deployment's parameters: paths only under $QTUNING_ALLOWED_ROOTS
     pipeline, comparisons = config.pipeline, config.comparisons()
     several = len(comparisons) > 1
     parent = open_run(config.name, pipeline, config, kind="sweep")

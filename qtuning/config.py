@@ -23,6 +23,8 @@ BUNDLED_MODEL = "smollm2-135m-instruct"
 SCORE_CHUNK_TOKENS = 512  # positions per chunk of the LM head (scoring, loss): its fp32 logits are chunk x vocabulary
 PACK_TOKENS = 512  # target tokens per packed lane (training.pack_tokens)
 DATA_PRESETS = ("sharegpt", "arc")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names that become parts of folder names: no '/', no leading '.'
+
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "clearml", "dvclive")  # training.log_with: accelerate's names
 DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "alpaca", "prompt_completion", "text")  # data.format
 
@@ -390,7 +392,10 @@ class TrainingConfig(_Frozen):
 class ExperimentConfig(_YamlFile):
     """A single training run: model, data, pruning, training."""
 
-    name: str = Field("qtuning", description="Run name (MLflow run name, output folder).")
+    name: str = Field(
+        "qtuning", pattern=NAME_PATTERN,
+        description="Run name (MLflow run name, output folder): letters, digits, '.', '_', '-'.",
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     pruning: PruningConfig = PruningConfig()
@@ -551,7 +556,7 @@ class ArmConfig(_Frozen):
 
     name: str = Field(
         ...,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=NAME_PATTERN,
         description="Arm name: the MLflow child run, the table row and part of the output folder "
         "(letters, digits, '.', '_', '-').",
     )
@@ -663,7 +668,8 @@ class CompareConfig(_YamlFile):
     each of the five benchmarks (GSM8K chains of thought cut at 128 tokens).
     """
 
-    name: str = Field("compare", min_length=1, description="Comparison name (the MLflow parent run).")
+    name: str = Field("compare", pattern=NAME_PATTERN, description="Comparison name (the MLflow parent run, part of "
+                      "folder names): letters, digits, '.', '_', '-'.")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig(limit=24, max_length=256, eval_rows=16)
     training: TrainingConfig = TrainingConfig(epochs=2.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
@@ -739,7 +745,8 @@ class SweepConfig(_YamlFile):
         points: [{pruning.sample: random, pruning.token: random}, {pruning.sample: infobatch}]
     """
 
-    name: str = Field("sweep", min_length=1, description="Sweep name (the MLflow parent run).")
+    name: str = Field("sweep", pattern=NAME_PATTERN, description="Sweep name (the MLflow parent run, part of folder "
+                      "names): letters, digits, '.', '_', '-'.")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig(limit=64, max_length=256)
     training: TrainingConfig = TrainingConfig(epochs=1.0, lr=2e-5, micro_batch_size=8, schedule="cosine")
