@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_prefect_defaults()
     from flows.compare import compare  # Prefect and MLflow load only now
     from tasks.flow_runs import owned_by_this_process
+    from tasks.tracking import without_credentials
 
     guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
     start = time.perf_counter()
@@ -192,13 +193,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def without_credentials(uri: str) -> str:
-    """`uri` with any user:password in it replaced by ***, for printing (postgresql://u:p@host/db -> postgresql://***@host/db)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit((parts.scheme, "***@" + parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))

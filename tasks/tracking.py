@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -32,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -60,8 +61,41 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
-    """`configured` (pipeline.tracking_uri), else $MLFLOW_TRACKING_URI, else the repository's SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """`configured` (pipeline.tracking_uri), else $MLFLOW_TRACKING_URI, else the repository's SQLite store; a
+    user:password in it moves to the environment (`split_credentials`), so the URI every run, record, artifact,
+    log line and child command line carries holds none."""
+    uri, secrets = split_credentials(configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+    os.environ.update(secrets)  # this process's clients and every child it starts read them from there
+    return uri
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """(`uri` without its password, the environment variables that carry the credentials instead).
+
+    http(s): MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (basic auth); postgresql: the user
+    stays, the password goes to PGPASSWORD (libpq's). Another scheme's password has no variable to go to: the URI
+    is kept as given, and `without_credentials` masks it wherever it is shown or stored."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri, {}
+    host = parts.netloc.rsplit("@", 1)[1]
+    if parts.scheme in ("http", "https"):
+        bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+        return bare, {"MLFLOW_TRACKING_USERNAME": unquote(parts.username or ""),
+                      "MLFLOW_TRACKING_PASSWORD": unquote(parts.password)}
+    if parts.scheme.split("+")[0] == "postgresql":
+        bare = urlunsplit((parts.scheme, f"{parts.username}@{host}", parts.path, parts.query, parts.fragment))
+        return bare, {"PGPASSWORD": unquote(parts.password)}
+    return uri, {}
+
+
+CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # the user[:password]@ of any URI inside a text
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user:password of every URI in it replaced by *** (postgresql://u:p@host/db ->
+    postgresql://***@host/db), for anything printed, logged or stored."""
+    return CREDENTIALS.sub("***@", text)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -289,8 +323,8 @@ def log_config(ref: RunRef, cfg: BaseModel, artifact_file: str, prefix: str = ""
     """The config as params (flattened dotted keys) and as the YAML file it round-trips through."""
     from qtuning.config import dump_yaml
 
-    log_params(ref, flatten(cfg, prefix))
-    log_text(ref, dump_yaml(cfg), artifact_file)
+    log_params(ref, {k: without_credentials(v) if isinstance(v, str) else v for k, v in flatten(cfg, prefix).items()})
+    log_text(ref, without_credentials(dump_yaml(cfg)), artifact_file)
 
 
 def log_dataset(ref: RunRef, df, name: str, source: str, context: str, digest: str | None = None) -> None:

@@ -4,6 +4,7 @@ training task's subprocess (launch, metric streaming, resume) called through `ta
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -348,8 +349,24 @@ def test_an_equal_recipe_under_another_name_reuses_the_training_folder(tmp_path)
 
 
 def test_the_run_summary_line_shows_a_tracking_uri_without_its_credentials():
-    from commands.run import without_credentials
+    from tasks.tracking import without_credentials
 
     assert without_credentials("postgresql://user:secret@db.example:5432/mlflow") == "postgresql://***@db.example:5432/mlflow"
     assert without_credentials("https://token@mlflow.example/") == "https://***@mlflow.example/"
     assert without_credentials("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert without_credentials("tracking_uri: http://u:p@h:5000\nx: 1") == "tracking_uri: http://***@h:5000\nx: 1"
+
+
+def test_credentials_in_a_tracking_uri_move_to_the_environment(monkeypatch):
+    """What every run, record, link, log line and the guard's command line carry is the URI without its password;
+    MLflow (basic auth) and libpq (PostgreSQL) read the credentials from their own variables."""
+    from tasks.tracking import resolve_tracking_uri
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_tracking_uri("https://alice:s%40cret@mlflow.example:5000/") == "https://mlflow.example:5000/"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s@cret")
+    assert resolve_tracking_uri("postgresql+psycopg2://bob:pw@db:5432/mlflow") == "postgresql+psycopg2://bob@db:5432/mlflow"
+    assert os.environ["PGPASSWORD"] == "pw"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:x@h:1")
+    assert resolve_tracking_uri(None) == "http://h:1"
