@@ -34,7 +34,7 @@ TokenRule = Literal[tuple(TOKEN_RULES)]  # type: ignore[valid-type]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)  # inf/nan: refused
 
 
 class _YamlFile(_Frozen):
@@ -302,9 +302,9 @@ class PruningConfig(_Frozen):
 class TrainingConfig(_Frozen):
     """The optimisation: steps, schedule, precision, checkpoints."""
 
-    epochs: float = Field(1.0, gt=0.0, description="Passes over the data (fractions allowed).")
+    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the data (fractions allowed; at most 1000).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (AdamW; at most 1).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")

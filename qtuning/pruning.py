@@ -112,14 +112,15 @@ def prune_tokens(
     """Stage 2: labels with the pruned response tokens of `sel.prune_tokens` rows set to IGNORE.
 
     Pruned tokens leave the loss only; they stay in input_ids and the attention
-    mask, so later tokens keep their context. At token_ratio 1.0 nothing is
-    pruned, whatever the budget (the authors' code skips token pruning at r_t = 1).
+    mask, so later tokens keep their context. At token_ratio 1.0 a rule's own
+    budget prunes nothing (the authors' code skips token pruning at r_t = 1).
     `budget_tokens` (pruning.budget: equal_tokens): the kept rows train at most
-    this many loss tokens; the surplus goes by one top-k of the drop priority
-    over the pool's candidate tokens.
+    this many loss tokens, at any token_ratio (at r_t = 1 too: Q-Tuning's rows
+    may hold fewer tokens than a baseline's); the surplus goes by one top-k of the
+    drop priority over the pool's candidate tokens.
     """
     score_fn = TOKEN_RULES[cfg.token].fn
-    if score_fn is None or cfg.token_ratio >= 1.0:
+    if score_fn is None or (cfg.token_ratio >= 1.0 and budget_tokens is None):
         return labels
     response = labels != IGNORE
     response[:, 0] = False

@@ -375,6 +375,8 @@ def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise DiskSpaceError(f"writing the checkpoint {partial} failed ({e}); the last complete checkpoint is intact") from e
+    # every process writes its own files (its RNG state; its shards under FSDP/ZeRO-3): all are done before the rename
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
         if ckpt.exists():  # the same step saved again (a stop right after a periodic checkpoint, a resume at the end)
@@ -881,8 +883,19 @@ class _MetricsFile:
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= keep_until]
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        kept, torn = [], []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # a line cut short by a full disk or a kill mid-write
+                torn.append(number)
+                continue
+            if isinstance(record, dict) and record.get("step", keep_until + 1) <= keep_until:
+                kept.append(line)
+        if torn:
+            print(f"qtuning.train: {path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}), "
+                  "written when the run stopped mid-write; their steps are redone", file=sys.stderr, flush=True)
         path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, step: int, metrics: dict) -> None:

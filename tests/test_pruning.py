@@ -334,6 +334,25 @@ def test_equal_tokens_gives_a_baseline_the_loss_tokens_qtuning_trains():
     assert torch.equal(eq_qt.labels, own_qt.labels)
 
 
+def test_equal_tokens_holds_at_token_ratio_one():
+    """At r_t = 1 Q-Tuning keeps its rows whole; a baseline whose kept rows hold more tokens is cut to that count
+    (token pruning used to return early at r_t = 1, and the baseline trained above Q-Tuning's budget)."""
+    from qtuning.pruning import prune_pool, qtuning_loss_tokens
+
+    stats, labels, attention, nll = _eu_pool()
+    trained = lambda d: int(((d.labels[:, 1:] != IGNORE) & d.sel.keep[:, None]).sum())  # noqa: E731
+    qt = PruningConfig(sample_ratio=0.25, token_ratio=1.0)
+    budget = qtuning_loss_tokens(stats, labels, nll, attention, qt)
+    rnd = PruningConfig(sample="random", token="random", sample_ratio=0.25, token_ratio=1.0, budget="equal_tokens")
+    above = 0
+    for seed in range(20):
+        own = prune_pool(stats, labels, nll, attention, rnd.model_copy(update={"budget": "own"}), torch.Generator().manual_seed(seed))
+        eq = prune_pool(stats, labels, nll, attention, rnd, torch.Generator().manual_seed(seed))
+        above += trained(own) > budget
+        assert trained(eq) == min(budget, trained(own))
+    assert above  # some seeds kept rows with more tokens than Q-Tuning's: the case that was not equalised
+
+
 def test_equal_tokens_config_needs_a_token_rule_and_scores():
     cfg = PruningConfig(sample="random", token="random", budget="equal_tokens")
     assert cfg.needs_scores  # Q-Tuning's count needs the EU plane

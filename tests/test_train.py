@@ -165,6 +165,8 @@ def test_resume_after_a_stop_continues_with_identical_decisions(tmp_path, rows):
         train(cfg, progress=False, log_fn=crash_at_step_4)
     ckpts = sorted(p.name for p in Path(cfg.training.output_dir, "checkpoints").iterdir())
     assert ckpts == ["step-2"]  # step 4's checkpoint was never written
+    with Path(cfg.training.output_dir, "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # and the disk filled mid-line: a torn last line, no newline
     summary = train(cfg, resume=True, progress=False)
     assert summary["optimizer_steps"] == 6
     got = _decisions(Path(cfg.training.output_dir, "metrics.jsonl"))
