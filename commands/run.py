@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtuning.config import CompareConfig, ConfigError, load_yaml, validate, with_overrides
+from qtuning.config import CompareConfig, ConfigError, load_yaml, parse_overrides, validate, with_overrides
 
 EPILOG = """\
 examples:
@@ -127,17 +127,8 @@ def build_config(args: argparse.Namespace) -> CompareConfig:
         raw["arms"] = [a for a in raw["arms"] if a["name"] in args.only_arms]
     cfg = validate(CompareConfig, raw, args.config or "qtuning run options")
     if args.set:
-        cfg = with_overrides(cfg, dict(_parse_set(s) for s in args.set))
+        cfg = with_overrides(cfg, parse_overrides(args.set))
     return cfg
-
-
-def _parse_set(s: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, value = s.partition("=")
-    if not sep:
-        raise ConfigError(f"--set {s!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(value)
 
 
 def result_json(result) -> dict[str, Any]:

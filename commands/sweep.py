@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from qtuning.config import ConfigError, SweepConfig, load_yaml
+from qtuning.config import ConfigError, SweepConfig, load_yaml, parse_overrides, with_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", metavar="FILE", help="SweepConfig YAML")
     ap.add_argument("--json", metavar="FILE", help="write {parent_run_id, arms: [aggregated rows], runs: [(arm, seed) rows]}")
     ap.add_argument("--list", action="store_true", help="print the arms and seeds the sweep would run, and exit")
+    ap.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (pipeline.tracking_uri); default: "
+                    "$MLFLOW_TRACKING_URI, else the project's store under mlflow/")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides of the sweep file, applied last, e.g. training.epochs=2 evaluation.limit=50")
     args = ap.parse_args(argv)
     try:
         cfg = load_yaml(SweepConfig, args.config)
+        overrides = parse_overrides(args.set)
+        if args.tracking_uri:
+            overrides = {"pipeline.tracking_uri": args.tracking_uri, **overrides}
+        if overrides:
+            cfg = with_overrides(cfg, overrides)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

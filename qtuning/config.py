@@ -482,6 +482,21 @@ def validate(cls: type[BaseModel], raw: dict, source: str = "config") -> Any:
         raise ConfigError(format_validation_error(e, source)) from None
 
 
+def parse_overrides(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """`["pruning.sample_ratio=0.5", "training.lr=1e-4"]` -> {dotted key: YAML value}, for `with_overrides`: the
+    one parser behind every command's `--set KEY=VALUE`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE, e.g. pruning.sample_ratio=0.5")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{option} {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
 def with_overrides(cfg: BaseModel, overrides: dict[str, Any]) -> Any:
     """A copy of `cfg` with dotted-path overrides applied ({'pruning.sample_ratio': 0.5}), re-validated."""
     raw = cfg.model_dump(mode="json")

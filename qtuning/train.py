@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, with_overrides
+from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, parse_overrides, with_overrides
 from qtuning.pruning import NonFiniteScores, prune_pool
 from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
@@ -597,6 +597,12 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         log_with=t.log_with or None, project_dir=str(out),
     )
+    asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(var, "").lower() == "true"]  # what the launcher's accelerate config asked for
+    if asked and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # accelerate 1.16 turns FSDP/DeepSpeed on for GPU-like devices only: on a CPU the config runs as DDP
+        accelerator.print(f"qtuning.train: warning: the accelerate config asks for {asked[0]}, which accelerate runs as "
+                          f"{accelerator.distributed_type.value} on this machine: every process holds the whole model")
     set_seed(t.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -728,6 +734,7 @@ def train(
         "data_skipped": data.skipped,
         "final_dir": str(out / "final"),
         "world_size": world,
+        "distributed_type": accelerator.distributed_type.value,  # what accelerate ran: NO, MULTI_CPU (DDP), FSDP, ...
         **({"heldout_loss": eval_metrics["eval/loss"], "heldout_ppl": eval_metrics["eval/ppl"],
             "heldout_rows": len(data.heldout), "heldout_tokens": eval_metrics["eval/tokens"]} if eval_metrics else {}),
         "cpu_threads": torch.get_num_threads(),  # per process: what the launcher gave it
@@ -918,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_yaml(ExperimentConfig, args.config)
         if args.set:
-            cfg = with_overrides(cfg, dict(_parse_override(s) for s in args.set))
+            cfg = with_overrides(cfg, parse_overrides(args.set))
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -939,15 +946,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(summary))
     return 0
-
-
-def _parse_override(s: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = s.partition("=")
-    if not sep:
-        raise SystemExit(f"--set {s!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(value)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,22 @@ def _rows():
     return out
 
 
+def test_sweep_command_takes_set_and_tracking_uri_like_run(tmp_path, capsys):
+    """`qtuning sweep FILE --set KEY=VALUE --tracking-uri URI` (one KEY=VALUE parser for every command)."""
+    from commands.sweep import main
+    from qtuning.config import parse_overrides
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid:\n  pruning.sample_ratio: [0.25]\n")
+    assert main([str(path), "--list", "--set", "training.epochs=3", "grid={pruning.sample_ratio: [0.5, 0.25]}"]) == 0
+    assert "3 arms x 1 seed(s)" in capsys.readouterr().out  # the baseline and the two overridden ratios
+    assert main([str(path), "--list", "--set", "training.epochs"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main([str(path), "--list", "--set", "training.nope=1"]) == 2
+    assert "unknown field 'nope'" in capsys.readouterr().err
+    assert parse_overrides(["a.b=[1, 2]", "c=x=y"]) == {"a.b": [1, 2], "c": "x=y"}
+
+
 def test_table_shows_mean_and_spread_over_seeds(tmp_path):
     table = sweep_table(_rows(), baseline="full")
     assert list(table.index) == ["full", "qt"]
