@@ -104,9 +104,13 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", QTUNING_PARENT_PID=str(os.getpid()))
     if run is not None:  # for anything in the child that logs to MLflow (e.g. an accelerate tracker)
         env.update(MLFLOW_RUN_ID=run.run_id, MLFLOW_TRACKING_URI=run.tracking_uri)
-    if pipeline.num_processes > 1 and not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo on CPU
-        env["OMP_NUM_THREADS"] = str(cpu_share(pipeline))  # the same share as --num_cpu_threads_per_process
+    if not torch.cuda.is_available():
+        # DDP over gloo on CPU. Set for every launch, not only pipeline.num_processes > 1: accelerate's torchrun
+        # launch (several processes, also a training.accelerate_config's) does not set it, and without it each
+        # process finds no device backend, takes itself for the only one and trains alone into the same folder
+        env["ACCELERATE_USE_CPU"] = "true"
+        if pipeline.num_processes > 1:
+            env["OMP_NUM_THREADS"] = str(cpu_share(pipeline))  # the same share as --num_cpu_threads_per_process
     return env
 
 
