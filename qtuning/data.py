@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 import sys
 from collections import Counter
@@ -523,30 +524,38 @@ def tokenize_rows(
     for start in range(0, len(examples), _TOKENIZE_CHUNK):
         chunk = examples[start : start + _TOKENIZE_CHUNK]
         # Render every string of the chunk first, then tokenize them in one batched (parallel, Rust) call.
-        texts: list[str] = []
+        texts: list[Any] = []  # strings, and _TURNS_END after each chat's turns
         first_segments: list[str] = []  # tokenized with the tokenizer's special tokens (bos)
+        # The whole conversations first, with where their max_length-th token ends: a turn that starts past
+        # that point is cut away, so it is never rendered (each turn's rendering re-renders the conversation
+        # before it, and rendering every turn of a long chat costs its turns squared).
+        chats = [tokenizer.apply_chat_template(ex.messages, tokenize=False) for ex in chunk if not ex.segments]
+        full_ids, cut_chars = _encode_with_cut(tokenizer, chats, max_length)
+        chat_no = 0
         for ex in chunk:
             if ex.segments:
                 first_segments.append(ex.segments[0][0])
                 texts.extend(text for text, _ in ex.segments[1:])
                 continue
-            texts.append(tokenizer.apply_chat_template(ex.messages, tokenize=False))
+            cut_at, chat_no = cut_chars[chat_no], chat_no + 1
             for i, msg in enumerate(ex.messages):
                 if msg["role"] == "assistant" and i >= ex.loss_from:
-                    texts.append(
-                        tokenizer.apply_chat_template(ex.messages[:i], tokenize=False, add_generation_prompt=True)
-                    )
-                    texts.append(tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=False))
+                    before = tokenizer.apply_chat_template(ex.messages[:i], tokenize=False, add_generation_prompt=True)
+                    if len(before) >= cut_at:  # this turn and every later one start past the cut
+                        break
+                    texts += [before, tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=False)]
+            texts.append(_TURNS_END)
         # The last assistant turn's rendering usually is the whole conversation: tokenize each text once.
-        unique = list(dict.fromkeys(texts))
+        unique = [t for t in dict.fromkeys(texts) if t is not _TURNS_END]
         ids_of = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"], strict=True)) if unique else {}
-        encoded = (ids_of[text] for text in texts)
+        encoded = (text if text is _TURNS_END else ids_of[text] for text in texts)
         firsts = iter(tokenizer(first_segments)["input_ids"] if first_segments else [])
+        fulls = iter(full_ids)
         for ex in chunk:
             if ex.segments:
                 ids, labels = _plain_text(ex, next(firsts), encoded, eos, train_on_prompt)
             else:
-                ids, labels = _chat_labels(ex, next(encoded), encoded, eos, tokenizer, train_on_prompt)
+                ids, labels = _chat_labels(ex, next(fulls), encoded, eos, tokenizer, train_on_prompt)
             cut = len(ids) > max_length
             ids, labels = ids[:max_length], labels[:max_length]
             n_response = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never predicted
@@ -564,14 +573,35 @@ def tokenize_rows(
     return columns, dict(dropped), truncated
 
 
-def _chat_labels(ex: Example, ids: list[int], encoded: Iterator[list[int]], eos: int | None, tokenizer: Any,
+_TURNS_END = object()  # among the rendered texts: the end of one chat's turns
+
+
+def _encode_with_cut(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], list[float]]:
+    """Token ids of `texts`, and for each the character offset where its first `max_length` tokens end (inf when
+    it is not longer, or when the tokenizer cannot map tokens to characters: every turn is then rendered)."""
+    if not texts:
+        return [], []
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # a slow (Python) tokenizer has no offsets
+        return tokenizer(texts, add_special_tokens=False)["input_ids"], [math.inf] * len(texts)
+    cuts = [float(offsets[max_length - 1][1]) if len(ids) > max_length else math.inf
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return enc["input_ids"], cuts
+
+
+def _chat_labels(ex: Example, ids: list[int], encoded: Iterator[Any], eos: int | None, tokenizer: Any,
                  train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    """A chat's token ids and labels: its trained assistant turns (each through its eos), or every token."""
+    """A chat's token ids and labels: its trained assistant turns (each through its eos), or every token. The
+    turns rendered are those that start before the cut (`_TURNS_END` follows the last)."""
     labels = [IGNORE_INDEX] * len(ids)
     for i, msg in enumerate(ex.messages):
         if msg["role"] != "assistant" or i < ex.loss_from:
             continue
-        before, through = next(encoded), next(encoded)
+        before = next(encoded)
+        if before is _TURNS_END:  # the remaining turns start past max_length: cut away
+            break
+        through = next(encoded)
         if ids[: len(before)] != before or ids[: len(through)] != through:
             raise DataError(
                 f"sample {ex.sample_id}: the chat template of {tokenizer.name_or_path!r} is not prefix-stable "
@@ -583,6 +613,9 @@ def _chat_labels(ex: Example, ids: list[int], encoded: Iterator[list[int]], eos:
         if eos is not None and eos in through[len(before) :]:
             end = len(through) - through[::-1].index(eos)  # just after the turn's last eos
         labels[len(before) : end] = ids[len(before) : end]
+    else:
+        if next(encoded) is not _TURNS_END:
+            raise RuntimeError(f"sample {ex.sample_id}: rendered turns out of step with the labelling")
     return ids, (list(ids) if train_on_prompt else labels)
 
 

@@ -69,6 +69,41 @@ def test_multi_turn_messages_label_every_assistant_turn(write_jsonl, tokenizer):
     assert [tokenizer.decode(r) for r in runs] == ["Blue.<|im_end|>", "Green.<|im_end|>"]
 
 
+def test_a_long_chat_renders_only_the_turns_before_the_cut(write_jsonl, tokenizer):
+    """400 exchanges cut at 128 tokens: the labels are those of the whole chat cut at 128, and only the turns
+    that start before the cut are rendered (each rendering re-renders the chat before it: rendering them all
+    cost the turns squared, 52 s for one such row)."""
+    from qtuning.data import Example, tokenize_rows
+
+    chat = []
+    for i in range(400):
+        chat += [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]
+    rendered = []
+
+    class Counting:  # the real tokenizer, its chat renderings counted
+        def __init__(self, tok):
+            self._tok = tok
+
+        def apply_chat_template(self, messages, **kw):
+            rendered.append(len(messages))
+            return self._tok.apply_chat_template(messages, **kw)
+
+        def __call__(self, *a, **kw):
+            return self._tok(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+    ex = Example(sample_id="long", messages=chat)
+    cut, _, _ = tokenize_rows([ex], Counting(tokenizer), max_length=128, progress=False)
+    assert rendered[0] == 800 and len(rendered) < 60 and max(rendered[1:]) < 60  # the chat once, then the turns in 128
+    # the first 128 tokens of a chat are those of its first 40 exchanges (prefix-stable), labelled by every turn
+    whole, _, _ = tokenize_rows([Example(sample_id="short", messages=chat[:80])], tokenizer, max_length=10**6, progress=False)
+    assert cut["input_ids"][0] == whole["input_ids"][0][:128]
+    assert cut["labels"][0] == whole["labels"][0][:128]
+    assert sum(l != IGNORE_INDEX for l in cut["labels"][0]) > 10  # several turns labelled before the cut
+
+
 def test_truncation_cuts_the_response_and_drops_rows_left_without_one(write_jsonl, tokenizer):
     long_prompt = {"prompt": "word " * 100, "response": "ok"}
     long_response = {"prompt": "Count.", "response": " ".join(str(i) for i in range(200))}
