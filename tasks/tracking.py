@@ -110,7 +110,13 @@ def artifact_root(uri: str) -> str | None:
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+    """What to run (or open) to see `uri`'s runs, as it works when pasted: a tracking server is its own UI;
+    another store gets `qtuning ui` by its full path (the virtual environment need not be active)."""
+    if uri.startswith(("http://", "https://")):
+        return without_credentials(uri)
+    script = Path(sys.executable).with_name("qtuning")
+    cmd = shlex.quote(str(script)) if script.exists() else f"{shlex.quote(sys.executable)} -m commands.cli"
+    return f"{cmd} ui" + ("" if uri == default_tracking_uri() else f" --tracking-uri {shlex.quote(uri)}")
 
 
 @lru_cache(maxsize=8)

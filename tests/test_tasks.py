@@ -370,3 +370,16 @@ def test_credentials_in_a_tracking_uri_move_to_the_environment(monkeypatch):
     assert os.environ["PGPASSWORD"] == "pw"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:x@h:1")
     assert resolve_tracking_uri(None) == "http://h:1"
+
+def test_the_printed_ui_command_works_as_shown(tmp_path):
+    """It names the qtuning script by its full path (no activated venv needed); a server is its own UI."""
+    import shlex
+    import subprocess
+    import sys
+
+    from tasks.tracking import ui_command
+
+    assert ui_command("https://u:p@mlflow.example:5000") == "https://***@mlflow.example:5000"
+    cmd = shlex.split(ui_command(f"sqlite:///{tmp_path}/m.db"))
+    assert cmd[0] == str(Path(sys.executable).with_name("qtuning")) and cmd[1:] == ["ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert subprocess.run([*cmd, "--help"], capture_output=True, timeout=60).returncode == 0
