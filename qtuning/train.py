@@ -370,8 +370,13 @@ def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model
         if model is not None:
             _check_free_space(root, checkpoint_bytes(out, model))
     accelerator.wait_for_everyone()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        accelerator.save_state(str(partial))
+        # accelerate logs the tied weights it stores once ("Removed shared tensor ..."): above the progress bar,
+        # not through it
+        with logging_redirect_tqdm():
+            accelerator.save_state(str(partial))
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise DiskSpaceError(f"writing the checkpoint {partial} failed ({e}); the last complete checkpoint is intact") from e
