@@ -35,7 +35,6 @@ next step boundary: one process saves a checkpoint of that step, writes no final
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -54,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig, load_yaml, parse_overrides, with_overrides
+from qtuning.config import ConfigError, DataConfig, ExperimentConfig, TrainingConfig
 from qtuning.pruning import NonFiniteScores, prune_pool
 from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
@@ -219,6 +218,9 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
             one = torch.tensor([pad_id], device=accelerator.device)
             lanes = build_lanes([one], [torch.zeros_like(one, dtype=torch.bool)], [[0]], pad_id)
             w = torch.zeros(0, device=accelerator.device)
+        # DeepSpeed reduces and steps at the boundary its backward is told of (it steps in every backward otherwise);
+        # DDP and FSDP skip the gradient sync by no_sync, and step where the loop calls the optimizer
+        accelerator.sync_gradients = last
         with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
             loss = lanes_forward(lm, lanes, w, cfg.training.score_chunk_tokens)  # through DDP/FSDP when prepared
         accelerator.backward(loss)
@@ -547,7 +549,7 @@ def check_device(cfg: ExperimentConfig) -> None:
         if not gpu:
             problems.append("model.attn_implementation: flash_attention_2 needs a GPU; use sdpa")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def _precision(t: TrainingConfig, finetune: str) -> tuple[str, torch.dtype]:
@@ -628,6 +630,14 @@ def train(
     pools_per_epoch, total_pools, total_steps = plan_steps(len(lengths), cfg, world)
     schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # no dataloader for accelerate to read DeepSpeed's batch size from (DeepSpeed only logs it); clipping is the
+        # engine's, since accelerate's clip_grad_norm_ only reads its norm under DeepSpeed
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        if ds.get("gradient_clipping", "auto") == "auto" and t.max_grad_norm is not None:
+            ds["gradient_clipping"] = t.max_grad_norm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
 
@@ -754,7 +764,7 @@ def train(
         if accelerator.is_main_process:
             final = accelerator.unwrap_model(model)
             if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                final = ChunkedLM(load_model(cfg.model, dtype=weight_dtype))  # rank 0's module holds only its shard
+                final = ChunkedLM(whole_model(accelerator, cfg, weight_dtype))  # rank 0's module holds only its shard
                 final.load_state_dict(state_dict)
             partial = out / "final.partial"  # renamed when complete: a final/ folder is always a whole model
             shutil.rmtree(partial, ignore_errors=True)
@@ -768,6 +778,25 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def whole_model(accelerator, cfg: ExperimentConfig, dtype: torch.dtype):
+    """A fresh unsharded model on this process alone (the main one, to hold the gathered weights). Under ZeRO-3
+    transformers would load it partitioned (zero.Init, whatever zero3_init_flag says in accelerate 1.16): a
+    collective that the other processes would never join."""
+    from accelerate.utils import DistributedType
+
+    from qtuning.modeling import load_model
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return load_model(cfg.model, dtype=dtype)
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return load_model(cfg.model, dtype=dtype)
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 # Per-step counts summed over a step's pools (and processes). q1..q4: geometric quadrants before fill-in;
@@ -917,40 +946,10 @@ class _MetricsFile:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="qtuning.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="ExperimentConfig YAML")
-    ap.add_argument("--data", metavar="DIR", help="the tokenized data set (SFTData.save) the config's data section describes; "
-                    "default: read and tokenize data.source here")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. pruning.sample_ratio=0.5")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    args = ap.parse_args(argv)
-    from qtuning.config import ConfigError
+    """`python -m qtuning.train` (what `accelerate launch -m qtuning.train` runs): see qtuning.train_cli."""
+    from qtuning.train_cli import main as cli
 
-    try:
-        cfg = load_yaml(ExperimentConfig, args.config)
-        if args.set:
-            cfg = with_overrides(cfg, parse_overrides(args.set))
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    try:
-        data = SFTData.load(args.data) if args.data else None
-    except DataError as e:
-        print(e, file=sys.stderr)
-        return 2
-    stop = StopRequest()
-    stop.install()
-    try:
-        summary = train(cfg, data=data, resume=args.resume, progress=not args.no_progress, stop=stop)
-    except TrainingStopped as e:
-        print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
-    except (DiskSpaceError, CheckpointError) as e:
-        print(f"qtuning.train: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    return cli(argv)
 
 
 if __name__ == "__main__":

@@ -284,3 +284,22 @@ def test_nonfinite_scores_stop_the_run_with_the_sample_ids(tmp_path, rows, monke
     with pytest.raises(NonFiniteScores, match=r"row-\d+ \(ppl=nan") as err:
         train(cfg, progress=False, save=False)
     assert err.value.names[0].startswith("row-") and "pool row" not in str(err.value)
+
+
+def test_qtuning_train_answers_help_before_loading_torch_and_refuses_in_one_line(tmp_path):
+    """`qtuning train --help` parses before torch, transformers and datasets load; a config the machine cannot
+    run (bf16 on a CPU) is one line and exit 2, as in `qtuning run`, not a traceback."""
+    probe = ("import sys\nfrom qtuning.train_cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+             "    assert e.code == 0\nheavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+             "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "qtuning train" in res.stdout and "--resume" in res.stdout
+
+    cfg = make_cfg(tmp_path, dict(sample="qtuning", token="qtuning"), precision="bf16")
+    path = cfg.save(tmp_path / "run.yaml")
+    res = subprocess.run([sys.executable, "-m", "qtuning.train", "--config", str(path), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    lines = [l for l in res.stderr.splitlines() if l.startswith("qtuning train:")]
+    assert lines and "training.precision: bf16 needs a GPU" in lines[0] and "Traceback" not in res.stderr
