@@ -590,6 +590,24 @@ def default_steps(log: pd.DataFrame, n: int = 3) -> list[int]:
     return [int(steps[round(i * (len(steps) - 1) / (n - 1))]) for i in range(n)]
 
 
+def _readable_linear_axis(axis, values: pd.Series, min_rel_span: float = 0.02) -> None:
+    """Few plain ticks on a linear axis: no offset or scientific notation, at most 4 of them (PPL 24,000-29,000
+    rendered as "2400026000280002900" without), and limits at least `min_rel_span` of the centre apart (a
+    spread of 1e-5 nats rendered as "1e-5+1.079e1")."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    if axis.get_scale() != "linear":
+        return
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+    axis.set_major_locator(MaxNLocator(nbins=4))
+    if len(values):
+        lo, hi = float(values.min()), float(values.max())
+        centre, half = (lo + hi) / 2, max(hi - lo, min_rel_span * abs((lo + hi) / 2), 1e-9) / 2 * 1.1
+        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(centre - half, centre + half)
+
+
 def eu_plane_at_steps(log: pd.DataFrame, steps: Sequence[int] | None = None, title: str = "EU plane during training"):
     """The EU plane of the model as it was at each of `steps` (default: first, middle, last): one panel per step,
     the step's pools' samples by PPL and Ent, coloured by quadrant, kept rows as diamonds."""
@@ -613,6 +631,9 @@ def eu_plane_at_steps(log: pd.DataFrame, steps: Sequence[int] | None = None, tit
             ax.scatter(kept["ppl"], kept["ent"].clip(lower=1e-6), s=30, c=colour, marker="D", edgecolors="black", linewidths=0.7)
         if len(rows) and rows["ppl"].max() / max(rows["ppl"].min(), 1e-12) >= 3:
             ax.set_xscale("log")
+        else:
+            _readable_linear_axis(ax.xaxis, rows["ppl"])
+        _readable_linear_axis(ax.yaxis, rows["ent"].clip(lower=1e-6))
         epoch = int(rows["epoch"].iloc[0]) if len(rows) else -1
         ax.set_title(f"step {step} (epoch {epoch}): {int(rows['kept'].sum())}/{len(rows)} kept", fontsize=9)
         ax.set_xlabel("PPL")

@@ -107,6 +107,24 @@ def test_migration_figure_and_eu_planes_from_the_log(reference, tmp_path):
     assert (tmp_path / "eu_steps.png").stat().st_size > 10_000
 
 
+def test_eu_plane_ticks_stay_readable_when_values_barely_differ(reference):
+    """PPL spanning less than 3x (a linear axis) and entropies 1e-5 apart: few distinct plain tick labels, no
+    offset text (they rendered as "2400026000280002900" and "1e-5+1.079e1")."""
+    _, _, log = reference
+    log = log.copy()
+    n = len(log)
+    log["ppl"] = 24_000 + 5_000 * (pd.Series(range(n), index=log.index) % 7) / 6
+    log["ent"] = 10.79 + 1e-5 * (pd.Series(range(n), index=log.index) % 5) / 4
+    fig = eu_plane_at_steps(log)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for axis, labels in ((ax.xaxis, ax.get_xticklabels()), (ax.yaxis, ax.get_yticklabels())):
+            texts = [t.get_text() for t in labels if t.get_text()]
+            assert 2 <= len(texts) <= 6 and len(set(texts)) == len(texts), texts
+            assert all(len(t) <= 8 for t in texts), texts
+            assert axis.get_offset_text().get_text() == ""
+
+
 def test_kept_set_is_a_data_set_to_train_on_again(reference, tmp_path):
     cfg, _, log = reference
     ids = kept_ids(log, "any")
