@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 QT := $(VENV)/bin/qtuning
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup assets run test test-numerics bench ui clean
+.PHONY: setup setup-dev assets run test test-numerics bench ui clean
 .DEFAULT_GOAL := run
 
 $(VENV)/.installed: pyproject.toml
@@ -20,10 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[pipeline]"
+	@touch $@
+
+# the test tools (pytest, selenium, trl) only for the tests: `make run` installs none of them
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -e ".[pipeline,dev]"
 	@touch $@
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 assets: setup
 	$(QT) assets
@@ -34,14 +40,14 @@ run: assets
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: a module's fixtures (a server, a
 # trained run) are built once. TEST_WORKERS=0 runs it in this process alone.
 TEST_WORKERS ?= 2
-test: assets
+test: setup-dev assets
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The float-sensitive tests (marker `numerics`) as other CPUs run them: torch's kernels without AVX (default)
 # and with AVX2 only, on 1 and 2 threads. A tolerance fitted to this CPU's rounding fails here first.
 NUMERICS_KERNELS ?= default avx2
 NUMERICS_THREADS ?= 1 2
-test-numerics: assets
+test-numerics: setup-dev assets
 	@set -e; for k in $(NUMERICS_KERNELS); do for t in $(NUMERICS_THREADS); do \
 	  echo "== numerics: ATEN_CPU_CAPABILITY=$$k, $$t thread(s)"; \
 	  ATEN_CPU_CAPABILITY=$$k OMP_NUM_THREADS=$$t $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m numerics -p no:cacheprovider $(ARGS); \
