@@ -118,6 +118,14 @@ class QTuningMixin:
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if WEIGHT_KEY not in inputs:  # evaluation, prediction: the parent's loss, nothing pruned
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._qt_parent_takes_the_loss(inputs):
+            # Every row weighs 1 (Q-Tuning, random, full data): the parent's own loss, the sum of the NLL of the
+            # label tokens left after pruning over `num_items_in_batch`, is this loss once it gets the step's
+            # denominator; so its metrics (TRL's entropy, mean_token_accuracy, num_tokens) and its fused LM head
+            # stay as they are
+            denom = num_items_in_batch if num_items_in_batch is not None else loss_denominator_of(inputs, self.qtuning_config)
+            plain = {k: v for k, v in inputs.items() if k not in (WEIGHT_KEY, PRUNED_KEY)}
+            return super().compute_loss(model, plain, return_outputs=return_outputs, num_items_in_batch=denom)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         logits = outputs.logits  # (b, T, V)
         weight = inputs[WEIGHT_KEY].to(logits.device)
@@ -126,6 +134,13 @@ class QTuningMixin:
         if self._qt_global_denominator():  # DDP averages the processes' gradients: undo the 1/N
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _qt_parent_takes_the_loss(self, inputs: dict[str, Any]) -> bool:
+        """Whether the parent's compute_loss computes this loss: rows all of weight 1 (InfoBatch's are not), and a
+        parent that divides its token sum by `num_items_in_batch` (a model that takes loss kwargs, no label
+        smoothing or custom loss function of the user's)."""
+        return (bool((inputs[WEIGHT_KEY] == 1).all()) and self.label_smoother is None and self.compute_loss_func is None
+                and bool(getattr(self, "model_accepts_loss_kwargs", False)))
 
     def _qt_global_denominator(self) -> bool:
         return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1

@@ -157,6 +157,10 @@ def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
     steps = [entry for entry in logs.logs if "loss" in entry]
     assert len(steps) == 2 and all(0.25 <= e["prune/kept_samples"] < 1 and e["prune/kept_tokens"] < 1 for e in steps)
     assert type(trainer).__mro__[1].__name__ == "QTuningMixin"
+    for e in steps:  # TRL's own metrics stay: the loss is its own, over the step's denominator
+        assert 0 < e["entropy"] and 0 <= e["mean_token_accuracy"] <= 1 and e["num_tokens"] > 0, e
+    assert steps[1]["num_tokens"] > steps[0]["num_tokens"]
+    assert trainer.evaluate(eval_dataset=datasets.Dataset.from_list(chats[:8]))["eval_num_tokens"] > 0
 
     # qtuning's tokenized rows (any data format, labels on assistant tokens only) pass through TRL untouched
     rows = build_sft_dataset(DataConfig(source="arc", limit=8, max_length=160), tokenizer, progress=False).dataset
