@@ -627,6 +627,35 @@ class PipelineConfig(_Frozen):
     num_processes: int = Field(
         1, ge=1, description="Training processes (accelerate launch --num_processes); on CPU, >1 runs gloo DDP."
     )
+    # Multi-node training: every machine runs the same pipeline config but for its machine_rank, on a runs_dir they
+    # share (machine 0's main process writes the final model and summary.json, which every machine's task reads).
+    # Each of these, when set, is passed to `accelerate launch` and wins over training.accelerate_config's value;
+    # left null, the file's value holds (without a file: 1 machine, rank 0, accelerate's 127.0.0.1:29500).
+    num_machines: int | None = Field(
+        None,
+        ge=1,
+        description="Machines the training spans (accelerate launch --num_machines); pipeline.num_processes (or the "
+        "accelerate config's num_processes) counts the processes of all of them, the same number on each. null: "
+        "training.accelerate_config's num_machines, else 1.",
+    )
+    machine_rank: int | None = Field(
+        None,
+        ge=0,
+        description="This machine's rank, 0 to num_machines - 1 (--machine_rank); machine 0 runs the main process and "
+        "the rendezvous. null: training.accelerate_config's machine_rank, else 0.",
+    )
+    main_process_ip: str | None = Field(
+        None,
+        description="Hostname or IP address of machine 0 as the other machines reach it (--main_process_ip); needed "
+        "when num_machines > 1. null: training.accelerate_config's main_process_ip.",
+    )
+    main_process_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="TCP port of the rendezvous on machine 0 (--main_process_port), free there and open to the other "
+        "machines. null: training.accelerate_config's main_process_port, else accelerate's 29500.",
+    )
     train_retries: int = Field(
         1, ge=0, description="Prefect retries of a failed training run; each one resumes from the last checkpoint."
     )
@@ -655,6 +684,25 @@ class PipelineConfig(_Frozen):
         "in the MLflow model registry as '<comparison name>-best' (mlflow.register_model); needs pipeline.log_model.",
     )
 
+    @field_validator("main_process_ip")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        import ipaddress
+        import re
+
+        if v is None:
+            return v
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        label = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+        if len(v) <= 253 and all(label.fullmatch(part) for part in v.removesuffix(".").split(".")):
+            return v
+        raise ValueError(f"{v!r} is neither an IP address nor a hostname (dot-separated labels of letters, digits "
+                         "and inner '-'); give machine 0's address, e.g. 10.0.0.1 or node0.cluster")
+
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
         problems = []
@@ -662,6 +710,20 @@ class PipelineConfig(_Frozen):
             problems.append(
                 f"pipeline.num_processes={self.num_processes} needs pipeline.launcher: accelerate "
                 "(python -m qtuning.train runs one process)"
+            )
+        machines = self.num_machines or 1
+        if self.machine_rank is not None and self.num_machines is not None and self.machine_rank >= machines:
+            problems.append(
+                f"pipeline.machine_rank={self.machine_rank} with pipeline.num_machines={machines}: ranks run from 0 "
+                f"to {machines - 1}"
+            )
+        if self.launcher == "python" and (machines > 1 or self.machine_rank):
+            problems.append("pipeline.num_machines / machine_rank need pipeline.launcher: accelerate "
+                            "(python -m qtuning.train runs one process on one machine)")
+        if machines > 1 and self.num_processes > 1 and self.num_processes % machines:
+            problems.append(
+                f"pipeline.num_processes={self.num_processes} counts the processes of all {machines} machines, the "
+                f"same number on each: use a multiple of pipeline.num_machines"
             )
         if self.register_best and not self.log_model:
             problems.append(

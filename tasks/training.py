@@ -69,7 +69,11 @@ def output_dir(config: ExperimentConfig, data: DataRecord, run: RunRef | None, p
 
 
 def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineConfig, resume: bool, data: Path | None = None) -> list[str]:
-    """`accelerate launch ... -m qtuning.train --config RUN.yaml [--data DIR] [--resume]` (or plain python), this interpreter."""
+    """`accelerate launch ... -m qtuning.train --config RUN.yaml [--data DIR] [--resume]` (or plain python), this interpreter.
+
+    With training.accelerate_config the file decides what the pipeline leaves unset (num_processes always: the file's
+    wins); the machine fields the pipeline sets (num_machines, machine_rank, main_process_ip, main_process_port) are
+    passed and win over the file's (machine_flags)."""
     if pipeline.launcher == "python":
         cmd = [sys.executable, "-m", "qtuning.train"]
     else:
@@ -78,10 +82,11 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
         if config.training.accelerate_config:
             cmd += ["--config_file", config.training.accelerate_config]
         else:
-            cmd += ["--num_processes", str(pipeline.num_processes), "--num_machines", "1",
+            cmd += ["--num_processes", str(pipeline.num_processes),
                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # qtuning.train picks its precision itself
             if pipeline.num_processes > 1:
                 cmd.append("--multi_gpu")
+        cmd += machine_flags(config, pipeline)
         cmd += ["-m", "qtuning.train"]
     cmd += ["--config", str(run_yaml)]
     if data is not None:
@@ -93,9 +98,52 @@ def launch_command(run_yaml: Path, config: ExperimentConfig, pipeline: PipelineC
     return cmd
 
 
+MACHINE_FIELDS = ("num_machines", "machine_rank", "main_process_ip", "main_process_port")  # pipeline = accelerate names
+
+
+def accelerate_file(config: ExperimentConfig) -> dict:
+    """training.accelerate_config's settings (YAML or JSON, as accelerate reads it); {} without one."""
+    import yaml
+
+    path = config.training.accelerate_config
+    if not path:
+        return {}
+    text = Path(path).expanduser().read_text()
+    return (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
+
+
+def machine_flags(config: ExperimentConfig, pipeline: PipelineConfig) -> list[str]:
+    """`--num_machines N [--machine_rank R] [--main_process_ip IP] [--main_process_port P]`: the pipeline's machine
+    fields that are set (without an accelerate config, --num_machines is always given: 1 by default). Refuses, before
+    anything starts, a launch whose settings (the pipeline's over the file's) cannot meet: a rank beyond the
+    machines, several machines without machine 0's address, processes that do not split evenly over the machines."""
+    file = accelerate_file(config)
+    given = {k: getattr(pipeline, k) for k in MACHINE_FIELDS if getattr(pipeline, k) is not None}
+    if not file:
+        given = {"num_machines": 1, **given}
+    want = {"num_machines": 1, "machine_rank": 0, **{k: file[k] for k in MACHINE_FIELDS if file.get(k) is not None}, **given}
+    machines, rank = int(want["num_machines"]), int(want["machine_rank"])
+    processes = int(file.get("num_processes") or pipeline.num_processes) if file else pipeline.num_processes
+    where = f" (training.accelerate_config {config.training.accelerate_config} and pipeline)" if file else ""
+    problems = []
+    if rank >= machines:
+        problems.append(f"machine_rank {rank} with num_machines {machines}{where}: ranks run from 0 to {machines - 1}; "
+                        "set pipeline.machine_rank and pipeline.num_machines")
+    if machines > 1 and not want.get("main_process_ip"):
+        problems.append(f"num_machines {machines} needs machine 0's address: set pipeline.main_process_ip")
+    if machines > 1 and (processes < machines or processes % machines):
+        problems.append(f"{processes} process(es) over {machines} machines{where}: num_processes counts the processes "
+                        "of all machines, the same number on each; use a multiple of num_machines")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [arg for k, v in given.items() for arg in (f"--{k}", str(v))]
+
+
 def cpu_share(pipeline: PipelineConfig) -> int:
-    """Cores this process may use (its affinity, not the machine's count), divided among the training processes."""
-    return max(1, len(os.sched_getaffinity(0)) // pipeline.num_processes)
+    """Cores this process may use (its affinity, not the machine's count), divided among the training processes of
+    this machine (pipeline.num_processes counts those of every machine)."""
+    per_machine = max(1, pipeline.num_processes // (pipeline.num_machines or 1))
+    return max(1, len(os.sched_getaffinity(0)) // per_machine)
 
 
 def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
@@ -109,7 +157,7 @@ def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
         # launch (several processes, also a training.accelerate_config's) does not set it, and without it each
         # process finds no device backend, takes itself for the only one and trains alone into the same folder
         env["ACCELERATE_USE_CPU"] = "true"
-        if pipeline.num_processes > 1:
+        if pipeline.num_processes // (pipeline.num_machines or 1) > 1:
             env["OMP_NUM_THREADS"] = str(cpu_share(pipeline))  # the same share as --num_cpu_threads_per_process
     return env
 

@@ -1,4 +1,5 @@
-"""Sharding that really shards: qtuning.train under FSDP2 on two CPU processes, step for step equal to one process.
+"""Sharding that really shards: qtuning.train under FSDP2 and DeepSpeed ZeRO-3 on two CPU processes, step for step
+equal to one process; and multi-node launches from the pipeline's machine fields, two "machines" on loopback.
 
 accelerate 1.16 runs an FSDP config on a CPU as plain DDP, silently: `AcceleratorState` switches to FSDP only
 when the process group is of a GPU-like type (accelerate/state.py:947, `elif self.distributed_type in
@@ -8,7 +9,9 @@ that (`Accelerator(fsdp_plugin=...)` included). The worker at the bottom of this
 a GPU machine (FSDP, with the plugin the launcher's FSDP_* variables describe), then runs qtuning.train's own
 `main` unchanged: accelerate's FSDP2 preparation (fully_shard per decoder layer, from `_no_split_modules`),
 qtuning's scoring and training through the prepared ChunkedLM, accelerate's sharded checkpoint and its
-gathered final model. Spies on qtuning.train record what each rank held, scored and stepped.
+gathered final model. Spies on qtuning.train record what each rank held, scored and stepped. DeepSpeed ZeRO-3
+(when installed) runs the same way on DeepSpeed's CPU accelerator over gloo; the worker's comments say where
+accelerate leaves it out on a CPU.
 """
 
 from __future__ import annotations
@@ -236,6 +239,96 @@ def test_every_launch_on_a_cpu_machine_tells_accelerate_so():
     from tasks.training import launch_env
 
     assert launch_env(None, PipelineConfig())["ACCELERATE_USE_CPU"] == "true"
+
+
+# --------------------------------------------------------------------------- multi-node
+def _pipe(**kw):
+    from qtuning.config import PipelineConfig
+
+    return PipelineConfig(progress=False, **kw)
+
+
+def test_the_launch_carries_the_machine_settings_and_the_pipelines_win_over_the_files(tmp_path):
+    from qtuning.config import ConfigError, validate
+    from tasks.training import launch_command
+
+    def flags(cmd: list[str]) -> dict[str, str]:
+        names = ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port", "--config_file")
+        return {a: cmd[i + 1] for i, a in enumerate(cmd[: cmd.index("qtuning.train")]) if a in names}
+
+    cfg = _cfg(tmp_path, tmp_path / "out")
+    two = dict(num_processes=4, num_machines=2, main_process_ip="node0.cluster", main_process_port=29501)
+    assert flags(launch_command(Path("r.yaml"), cfg, _pipe(), resume=False)) == {"--num_machines": "1"}
+    assert flags(launch_command(Path("r.yaml"), cfg, _pipe(**two, machine_rank=1), resume=False)) == {
+        "--num_machines": "2", "--machine_rank": "1", "--main_process_ip": "node0.cluster", "--main_process_port": "29501"}
+
+    # with an accelerate config: the file's values hold, and what the pipeline sets is passed and wins
+    shipped = REPO / "configs" / "accelerate" / "multi-node.yml"
+    with_file = cfg.model_copy(update={"training": cfg.training.model_copy(update={"accelerate_config": str(shipped)})})
+    assert flags(launch_command(Path("r.yaml"), with_file, _pipe(), resume=False)) == {"--config_file": str(shipped)}
+    assert flags(launch_command(Path("r.yaml"), with_file, _pipe(machine_rank=1, main_process_port=4000), resume=False)) == {
+        "--config_file": str(shipped), "--machine_rank": "1", "--main_process_port": "4000"}
+
+    # refused: in the config, each problem named with its field; at launch, what only the file and pipeline together show
+    for raw, said in (({"main_process_ip": "node 0", "main_process_port": 70000},  # fields first (pydantic), both at once
+                       ("main_process_ip: 'node 0' is neither an IP address nor a hostname", "main_process_port")),
+                      ({"num_machines": 2, "machine_rank": 2, "num_processes": 3},  # then the fields together
+                       ("pipeline.machine_rank=2 with pipeline.num_machines=2: ranks run from 0 to 1",
+                        "multiple of pipeline.num_machines"))):
+        with pytest.raises(ConfigError) as e:
+            validate(type(_pipe()), raw, "pipeline.yaml")
+        assert all(part in str(e.value) for part in said), str(e.value)
+    for v in ("10.0.0.1", "::1", "node-0.cluster.local", "localhost"):
+        assert _pipe(main_process_ip=v).main_process_ip == v
+    with pytest.raises(ValueError, match="needs machine 0's address"):
+        launch_command(Path("r.yaml"), cfg, _pipe(num_processes=2, num_machines=2), resume=False)
+    with pytest.raises(ValueError, match="ranks run from 0 to 1"):
+        launch_command(Path("r.yaml"), with_file, _pipe(machine_rank=2), resume=False)  # the file says 2 machines
+
+
+def test_every_shipped_accelerate_config_loads_and_launches():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from tasks.training import machine_flags
+
+    shipped = sorted((REPO / "configs" / "accelerate").glob("*.yml"))
+    assert {p.name for p in shipped} >= {"fsdp2.yml", "deepspeed-zero3.yml", "multi-node.yml"}
+    for path in shipped:
+        load_config_from_file(str(path))  # accelerate's own reading: unknown keys refused
+        cfg = _cfg(REPO, REPO / "out", accelerate_config=str(path))
+        machine_flags(cfg, _pipe())
+
+
+def test_two_machines_on_loopback_train_as_one_machine_of_two_processes(tmp_path, tiny_dir):
+    """Two `accelerate launch --num_machines 2 --machine_rank 0/1 --main_process_ip 127.0.0.1` of one CPU process each,
+    as launch_command builds them from the pipeline's machine fields, against one launch of two processes, all three
+    at once: the same pools, losses and final weights, bit for bit (a 2-rank all-reduce is one addition)."""
+    from conftest import free_port
+    from tasks.training import launch_command, launch_env
+
+    port = free_port()
+    runs = {"machines": [_pipe(num_processes=2, num_machines=2, machine_rank=r, main_process_ip="127.0.0.1",
+                               main_process_port=port) for r in (0, 1)],
+            "processes": [_pipe(num_processes=2)]}
+    procs = []
+    for name, pipes in runs.items():
+        cfg = _cfg(tiny_dir, tmp_path / name / "out")
+        run_yaml = cfg.save(tmp_path / name / "run.yaml")
+        for pipe in pipes:
+            cmd = launch_command(run_yaml, cfg, pipe, resume=False)
+            cmd[cmd.index("--num_cpu_threads_per_process") + 1] = "1"  # the "machines" share this one's cores
+            log = tmp_path / name / f"launch-{pipe.machine_rank or 0}.log"
+            with log.open("w") as f:
+                procs.append((log, subprocess.Popen(cmd, env=launch_env(None, pipe), stdout=f, stderr=subprocess.STDOUT)))
+    for log, proc in procs:
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    summaries = {name: json.loads((tmp_path / name / "out" / "summary.json").read_text()) for name in runs}
+    two, one = summaries["machines"], summaries["processes"]
+    assert two["world_size"] == one["world_size"] == 2 and two["distributed_type"] == one["distributed_type"] == "MULTI_CPU"
+    for key in ("samples_seen", "samples_trained", "loss_tokens", "final_loss"):
+        assert two[key] == one[key], key
+    w2, w1 = _weights(two["final_dir"]), _weights(one["final_dir"])
+    assert w2.keys() == w1.keys() and all(torch.equal(w2[n], w1[n]) for n in w1)
 
 
 # --------------------------------------------------------------------------- the worker (run by accelerate launch)
