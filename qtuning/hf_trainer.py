@@ -44,8 +44,10 @@ TRL is imported only when `QTuningSFTTrainer` is first used, never at import of 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,10 +56,11 @@ from pydantic import ValidationError
 from torch import Tensor
 from transformers import Trainer
 
-from qtuning.config import SCORE_CHUNK_TOKENS, ExperimentConfig, PruningConfig, TrainingConfig
+from qtuning.config import SCORE_CHUNK_TOKENS, ExperimentConfig, PruningConfig, TrainingConfig, load_yaml, validate
 from qtuning.data import IGNORE_INDEX, Batch, collate
 from qtuning.train import Pruned, loss_denominator, select_pool
 
+TOTALS_FILE = "qtuning_totals.json"  # running totals (train/loss_tokens, ...) beside each checkpoint
 WEIGHT_KEY = "qtuning_weight"  # per-row loss weights ride in the batch dict from get_batch_samples to compute_loss
 PRUNED_KEY = "qtuning_pruned_tokens"  # and per-row counts of the response tokens token pruning took (all_tokens norm)
 _SEED_STRIDE = 1_000_003  # the engine's per-pool seed: seed * stride + global pool index (qtuning.train)
@@ -73,17 +76,38 @@ class QTuningMixin:
     # compute_loss divides by the whole optimizer step's loss-token count: training_step must not divide again
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, pruning: PruningConfig | None = None,
+    def __init__(self, *args: Any, pruning: PruningConfig | dict | str | Path | None = None,
                  score_chunk_tokens: int = SCORE_CHUNK_TOKENS, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.qtuning_config = experiment_for(pruning or PruningConfig(), self.args, score_chunk_tokens)
-        if getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False):
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(train_args, "padding_free", False) or getattr(train_args, "packing", False):
+            # before the parent's __init__, which tokenizes and packs the whole data set
             raise ValueError(
                 "Q-Tuning triages the rows of each batch as samples, but padding_free/packing put several samples "
                 "in one row; set padding_free=False and packing=False in the SFTConfig"
             )
+        pruning = as_pruning_config(pruning)
+        super().__init__(*args, **kwargs)
+        self.qtuning_config = experiment_for(pruning, self.args, score_chunk_tokens)
         self._qt_window = _Window()  # pruning figures since the last log
         self._qt_totals = {"loss_tokens": 0.0, "samples_trained": 0.0}
+
+    # ---- running totals travel with the checkpoints: a resumed run continues them
+    def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
+        super().save_model(output_dir, *args, **kwargs)
+        if self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TOTALS_FILE).write_text(json.dumps(self._qt_totals))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and (saved := Path(checkpoint) / TOTALS_FILE).is_file():
+            self._qt_totals = json.loads(saved.read_text())
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- stages 1-3, once per optimizer step, on the step's batches
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
@@ -195,6 +219,18 @@ def __getattr__(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- helpers
+def as_pruning_config(pruning: PruningConfig | dict | str | Path | None) -> PruningConfig:
+    """A PruningConfig from itself, a dict of its fields, or a YAML file of them (None: the paper's defaults);
+    a bad field is a ConfigError that names it."""
+    if pruning is None or isinstance(pruning, PruningConfig):
+        return pruning or PruningConfig()
+    if isinstance(pruning, dict):
+        return validate(PruningConfig, pruning, "pruning")
+    if isinstance(pruning, (str, Path)):
+        return load_yaml(PruningConfig, pruning)
+    raise TypeError(f"pruning: expected a PruningConfig, a dict of its fields or a YAML path, not {type(pruning).__name__}")
+
+
 def experiment_for(pruning: PruningConfig, args: Any, score_chunk_tokens: int = SCORE_CHUNK_TOKENS) -> ExperimentConfig:
     """The engine's config for a Trainer's arguments: the pool is the per-device batch; checked like a YAML run."""
     pool = args.per_device_train_batch_size

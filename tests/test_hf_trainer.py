@@ -128,6 +128,32 @@ def test_trainer_trains_on_kept_rows_and_logs_pruning_metrics(tmp_path, tokenize
     assert any(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
 
+def test_running_totals_continue_across_a_resume_and_pruning_comes_as_a_dict_or_a_yaml(tmp_path, tokenizer, tiny_model, arc_rows):
+    """A run stopped after its checkpoint at step 1 and resumed logs the same train/loss_tokens at step 2 as one
+    that never stopped (they restarted from 0); `pruning` may be a dict or a YAML file of PruningConfig fields."""
+    def run(name, max_steps, pruning, resume=None):
+        logs = _Logs()
+        trainer = QTuningTrainer(model=copy.deepcopy(tiny_model), train_dataset=arc_rows, callbacks=[logs],
+                                 args=_args(tmp_path / name, max_steps=max_steps, gradient_accumulation_steps=1,
+                                            save_strategy="steps", save_steps=1),
+                                 data_collator=collator(tokenizer.pad_token_id), pruning=pruning)
+        trainer.train(resume_from_checkpoint=resume)
+        return [e for e in logs.logs if "loss" in e]
+
+    whole = run("whole", 2, {"sample_ratio": 0.25, "token_ratio": 0.5})
+    yaml_file = tmp_path / "pruning.yaml"
+    yaml_file.write_text("sample_ratio: 0.25\ntoken_ratio: 0.5\n")
+    run("stopped", 1, str(yaml_file))
+    resumed = run("stopped", 2, yaml_file, resume=True)
+    assert len(resumed) == 1 and resumed[0]["train/loss_tokens"] == whole[1]["train/loss_tokens"]
+    assert resumed[0]["train/samples_trained"] == whole[1]["train/samples_trained"]
+
+    from qtuning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        QTuningTrainer(model=tiny_model, args=_args(tmp_path), train_dataset=arc_rows, pruning={"sample_ratio": 2})
+
+
 def test_a_pool_that_keeps_every_row_is_refused_in_trainer_terms(tmp_path):
     with pytest.raises(ValueError, match="per_device_train_batch_size=2"):
         experiment_for(PruningConfig(sample_ratio=0.75), _args(tmp_path, per_device_train_batch_size=2))
@@ -171,6 +197,10 @@ def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
     batch = next(iter(pre.get_train_dataloader()))
     assert int((batch["labels"] != -100).sum()) == sum(rows["response_length"])
 
+    with pytest.raises(ValueError, match="packing=False"):  # before TRL prepares rows it could not tokenize
+        QTuningSFTTrainer(model=tiny_model, args=SFTConfig(output_dir=str(tmp_path / "pk"), packing=True,
+                                                           per_device_train_batch_size=8, report_to=[], use_cpu=True),
+                          train_dataset=datasets.Dataset.from_list([{"bad": 1}] * 8), processing_class=copy.deepcopy(tokenizer))
     with pytest.raises(ValueError, match="padding_free"):
         QTuningSFTTrainer(model=tiny_model, args=SFTConfig(output_dir=str(tmp_path / "pf"), padding_free=True,
                                                            per_device_train_batch_size=8, report_to=[], use_cpu=True),
