@@ -231,7 +231,8 @@ def check_head(model: nn.Module, probe_tokens: int = 8) -> tuple[float | None, f
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
             candidates += [float(v), 1.0 / float(v)]
     param = next(iter(base.parameters()), None)
-    if param is None or param.device.type == "meta":  # weights not loaded here (a rank of a sharded load)
+    # weights not in this process: the meta device (a rank of a sharded load) or ZeRO-3's empty partitions
+    if param is None or param.device.type == "meta" or param.numel() == 0:
         if len(candidates) > 1:
             raise ValueError(f"{getattr(cfg, 'model_type', type(base).__name__)}: the direction of its logit scaling "
                              "is checked by a forward, and its weights are not loaded in this process (meta device)")
@@ -361,6 +362,14 @@ class ChunkedLM(nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None) or getattr(
             getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None
         )
+
+    # the inner model's embeddings, as transformers models expose them: accelerate's FSDP2 wrapping gives the
+    # embedding, final norm and head their own group through these (the root held them gathered otherwise)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
 
     def forward(
         self,

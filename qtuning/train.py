@@ -945,12 +945,7 @@ class _MetricsFile:
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qtuning.train` (what `accelerate launch -m qtuning.train` runs): see qtuning.train_cli."""
-    from qtuning.train_cli import main as cli
+if __name__ == "__main__":  # `python -m qtuning.train` / `accelerate launch -m qtuning.train`: the command line
+    import runpy
 
-    return cli(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("qtuning.train_cli", run_name="__main__", alter_sys=True)

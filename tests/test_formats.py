@@ -226,7 +226,7 @@ def test_chat_template_override_for_a_tokenizer_without_one(write_jsonl, tokeniz
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_FORMATS))
 def test_each_example_file_trains_through_the_cli(tmp_path, monkeypatch, name, capsys):
-    from qtuning.train import main
+    from qtuning.train_cli import main
 
     monkeypatch.chdir(REPO)  # the shipped YAML names its data relative to the repository
     out = tmp_path / "out"

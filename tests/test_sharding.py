@@ -194,7 +194,9 @@ def test_fsdp2_shards_the_model_and_takes_the_step_of_one_process(tmp_path, tiny
 
     # (a) sharded: one unit per decoder layer besides the root, and each rank holds half of every unit's elements
     for seen in ranks:
-        assert seen["units"] == ["", "model.model.layers.0", "model.model.layers.1"]
+        # the root, each decoder layer, and the embedding and head (ChunkedLM exposes them as transformers models do)
+        assert seen["units"] == ["", "model.model.embed_tokens", "model.model.layers.0", "model.model.layers.1",
+                                 "model.lm_head"], seen["units"]
         assert seen["local"] == seen["local_grads"] == pytest.approx(seen["full"] / 2, abs=64), (seen["local"], seen["full"])
 
     # (c) one step: the same (clipped) gradient, gathered from the shards, and the same weights after AdamW
@@ -380,7 +382,7 @@ def _skip_head_check_on_partitioned_weights(mp, seen: dict) -> None:
 
 
 def _worker(out: Path, argv: list[str]) -> int:
-    from qtuning.train import main
+    from qtuning.train_cli import main
 
     _as_on_a_gpu()
     rank = int(os.environ["RANK"])

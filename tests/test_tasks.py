@@ -272,7 +272,7 @@ def test_train_task_reports_the_subprocess_failure(tmp_path):
     pipe = PipelineConfig(runs_dir=str(tmp_path / "runs"), launcher="python", progress=False)
     with disable_run_logger():
         data = data_tasks.prepare_data.fn(cfg.data, cfg.model, pipe)
-    with disable_run_logger(), pytest.raises(RuntimeError, match=r"exited with code 1(.|\n)*bf16 needs a GPU"):
+    with disable_run_logger(), pytest.raises(RuntimeError, match=r"exited with code 2(.|\n)*bf16 needs a GPU"):
         training.train_arm.fn(cfg, data, None, pipe)
 
 
