@@ -3,13 +3,14 @@
     qtuning assets            fetch the embedded model and data into the cache (idempotent)
     qtuning train --config F  one training run (same as python -m qtuning.train)
     qtuning bench             time full-data vs pruned epochs, measure scoring memory
+    qtuning doctor            check this machine: every CPU/GPU path once, one table (first command on a new GPU machine)
     qtuning run               compare full-data SFT with Q-Tuning on the embedded default
     qtuning sweep FILE        a grid of pruning budgets/methods/seeds, full-data baseline included
     qtuning serve             the flows as scheduled Prefect deployments
     qtuning ui                the MLflow UI on the project's store
     qtuning runs --close-orphans   end KILLED the MLflow runs left RUNNING by processes that are gone
 
-The first three are the library's own entry points (qtuning/); the others drive the pipeline (flows/, tasks/)
+The first four are the library's own entry points (qtuning/); the others drive the pipeline (flows/, tasks/)
 and need its extra: pip install 'qtuning[pipeline]'.
 """
 
@@ -24,8 +25,9 @@ PIPELINE_PACKAGES = ("prefect", "mlflow", "lm_eval")
 # subcommand -> (module, needs the pipeline extra, one-line help); each module has main(argv) -> int
 COMMANDS: dict[str, tuple[str, bool, str]] = {
     "assets": ("qtuning.assets", False, "fetch the embedded model and data into the cache (idempotent)"),
-    "train": ("qtuning.train", False, "one training run from an ExperimentConfig YAML"),
+    "train": ("qtuning.train_cli", False, "one training run from an ExperimentConfig YAML"),
     "bench": ("qtuning.bench", False, "time full-data, Q-Tuning and Random epochs; scoring peak memory"),
+    "doctor": ("qtuning.doctor", False, "check this machine: every CPU/GPU path once, one table (first command on a new GPU machine)"),
     "run": ("commands.run", True, "run a comparison (default: full data vs Q-Tuning 25%x50% on the embedded default)"),
     "sweep": ("commands.sweep", True, "run a grid of arms (and seeds) from a SweepConfig YAML as one flow"),
     "serve": ("commands.serve", True, "serve the flows as Prefect deployments on a schedule"),
