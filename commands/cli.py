@@ -17,6 +17,7 @@ and need its extra: pip install 'qtuning[pipeline]'.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 
@@ -36,6 +37,16 @@ COMMANDS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+def usage() -> str:
+    """The commands, once each, then what needs the pipeline extra."""
+    lines = ["usage: qtuning COMMAND [options]   (qtuning COMMAND --help: its options; qtuning --version)", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, _, text) in COMMANDS.items()]
+    library = [name for name, (_, pipeline, _) in COMMANDS.items() if not pipeline]
+    lines += ["", f"{', '.join(library)} are the library's own; the others drive the Prefect/MLflow pipeline and need "
+              "its extra: pip install 'qtuning[pipeline]'."]
+    return "\n".join(lines)
+
+
 def missing_pipeline_packages() -> list[str]:
     """The pipeline extra's packages that are not installed (without importing them)."""
     return [p for p in PIPELINE_PACKAGES if importlib.util.find_spec(p) is None]
@@ -43,12 +54,11 @@ def missing_pipeline_packages() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"qtuning {importlib.metadata.version('qtuning')}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\ncommands:")
-        for name, (_, _, text) in COMMANDS.items():
-            print(f"  {name:<8} {text}")
-        print("\n`qtuning COMMAND --help` documents each command's options.")
+        print(USAGE)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -62,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     return int(module.main(rest) or 0)
 
+
+USAGE = usage()
 
 if __name__ == "__main__":
     sys.exit(main())

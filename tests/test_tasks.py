@@ -67,6 +67,20 @@ def test_run_help_documents_every_option(capsys):
             assert action.help, f"{action.option_strings} has no help"
 
 
+def test_qtuning_help_lists_each_command_once_and_tells_its_version(capsys):
+    import importlib.metadata
+
+    from commands.cli import COMMANDS
+    from commands.cli import main as qtuning
+
+    assert qtuning(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert sum(line.split()[:1] == [name] for line in out.splitlines()) == 1, name
+    assert qtuning(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qtuning {importlib.metadata.version('qtuning')}"
+
+
 def test_run_options_override_the_config_file_and_set_overrides_both(tmp_path):
     base = CompareConfig(data=DataConfig(limit=10)).save(tmp_path / "c.yaml")
     args = build_parser().parse_args([
