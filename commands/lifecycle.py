@@ -49,6 +49,13 @@ def check_data(data: DataConfig, prog: str) -> int | None:
     return None
 
 
+def guard_command(pid: int, uri: str) -> list[str]:
+    """The guard's command line. `-m` would put the working directory first on sys.path, and a `commands.py`
+    or `tasks.py` there would run instead of ours; -P (Python 3.11+) leaves it out."""
+    safe = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe, "-m", "commands.guard", str(pid), uri]
+
+
 def guard_run(tracking_uri: str | None, prog: str) -> None:
     """Close orphaned runs, start the guard process and install the SIGINT/SIGTERM handlers (module docstring)."""
     from tasks.tracking import close_orphan_runs, resolve_tracking_uri
@@ -72,7 +79,7 @@ def guard_run(tracking_uri: str | None, prog: str) -> None:
     for run_id, name, pid in crashed:
         print(f"{prog}: Prefect flow run {name} ({run_id}) was left RUNNING by process {pid}, which is gone: set CRASHED",
               file=sys.stderr)
-    subprocess.Popen([sys.executable, "-m", "commands.guard", str(os.getpid()), uri], start_new_session=True,
+    subprocess.Popen(guard_command(os.getpid(), uri), start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)
 
     def interrupted(signum, frame):

@@ -149,7 +149,10 @@ def cpu_share(pipeline: PipelineConfig) -> int:
 def launch_env(run: RunRef | None, pipeline: PipelineConfig) -> dict[str, str]:
     import torch
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", QTUNING_PARENT_PID=str(os.getpid()))
+    # PYTHONSAFEPATH (3.11+): `-m` leaves the working directory off sys.path, so a user's qtuning.py, or an
+    # accelerate.py, there cannot replace the modules the launch names
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", QTUNING_PARENT_PID=str(os.getpid()),
+               PYTHONSAFEPATH="1")
     if run is not None:  # for anything in the child that logs to MLflow (e.g. an accelerate tracker)
         env.update(MLFLOW_RUN_ID=run.run_id, MLFLOW_TRACKING_URI=run.tracking_uri)
     if not torch.cuda.is_available():

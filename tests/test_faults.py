@@ -627,3 +627,18 @@ def test_kill_9_of_qtuning_run_leaves_no_orphan_process_or_running_run(tmp_path,
     exp = client.get_experiment_by_name(cfg.pipeline.experiment_name)
     for run in client.search_runs([exp.experiment_id]):
         assert f"its process {proc.pid}" in run.data.tags["qtuning.ended_by"]
+
+
+def test_the_guard_runs_ours_from_a_folder_holding_commands_and_tasks_modules(tmp_path):
+    """A user's commands.py and tasks.py in the working directory: the guard `qtuning run` starts is still ours
+    (`python -m` puts the working directory first on sys.path; the guard's command leaves it out)."""
+    from commands.lifecycle import guard_command
+
+    for name in ("commands.py", "tasks.py"):
+        (tmp_path / name).write_text(f"open({str(tmp_path / 'shadowed')!r}, 'w').write({name!r})\nraise SystemExit(3)\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    res = subprocess.run(guard_command(dead.pid, f"sqlite:///{tmp_path}/m.db"), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (tmp_path / "shadowed").exists()
