@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class QTuningMixin:
         self.qtuning_config = experiment_for(pruning, self.args, score_chunk_tokens)
         self._qt_window = _Window()  # pruning figures since the last log
         self._qt_totals = {"loss_tokens": 0.0, "samples_trained": 0.0}
+        self._qt_warned: dict[str, bool] = {}  # what _qt_check_batch has said already
 
     # ---- running totals travel with the checkpoints: a resumed run continues them
     def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
@@ -121,6 +123,7 @@ class QTuningMixin:
         rank, world = self.args.process_index, self.args.world_size
         pools: list[Pruned] = []
         for j, inputs in enumerate(batches):
+            self._qt_check_batch(inputs)
             i = (self.state.global_step * self.args.gradient_accumulation_steps + j) * world + rank  # global pool index
             gen = torch.Generator().manual_seed(self.args.seed * _SEED_STRIDE + i)
             with self.accelerator.autocast():
@@ -137,6 +140,29 @@ class QTuningMixin:
             for p in pools
         ]
         return pruned, denom
+
+    def _qt_check_batch(self, inputs: dict[str, Any]) -> None:
+        """Say once what would otherwise pass silently: a short last batch, which triage cannot prune as a pool
+        of the configured size (it keeps round(rows x sample_ratio), at least one), and a collator that masks
+        every end-of-turn token because the pad token is the eos token (the model would never learn to stop)."""
+        rows, pool = int(inputs["input_ids"].shape[0]), self.args.per_device_train_batch_size
+        if rows < pool and not self._qt_warned.get("short"):
+            self._qt_warned["short"] = True
+            warnings.warn(f"Q-Tuning: a batch of {rows} row(s), fewer than per_device_train_batch_size={pool} (the data "
+                          "set's last): it is triaged as a pool of its own size, so its sample ratio is not the "
+                          "configured one; set dataloader_drop_last=True to leave it out", stacklevel=2)
+        tok = self.processing_class
+        eos, pad = getattr(tok, "eos_token_id", None), getattr(tok, "pad_token_id", None)
+        if eos is None or eos != pad or self._qt_warned.get("eos"):
+            return
+        real_eos = (inputs["input_ids"] == eos) & inputs["attention_mask"].bool()
+        labelled = inputs["labels"] != IGNORE_INDEX
+        if bool(real_eos.any()) and bool(labelled.any()) and not bool((real_eos & labelled).any()):
+            self._qt_warned["eos"] = True
+            warnings.warn("Q-Tuning: the pad token is the eos token and the collator masked every eos from the loss "
+                          "(it masks padding by token id): the model will not learn to end its turns. Use "
+                          "qtuning.hf_trainer.collator(tokenizer.pad_token_id), which masks padding by position, or "
+                          "give the tokenizer a pad token of its own", stacklevel=2)
 
     # ---- stage 4: the loss of one micro-batch over the step's denominator
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):

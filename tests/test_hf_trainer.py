@@ -154,6 +154,28 @@ def test_running_totals_continue_across_a_resume_and_pruning_comes_as_a_dict_or_
         QTuningTrainer(model=tiny_model, args=_args(tmp_path), train_dataset=arc_rows, pruning={"sample_ratio": 2})
 
 
+def test_a_short_last_batch_and_a_collator_that_masks_every_eos_are_said(tmp_path, tokenizer, tiny_model, arc_rows):
+    """9 rows in batches of 8: the last batch of one row is named with the fix; transformers' language-modelling
+    collator with pad = eos masks every end-of-turn token: named with the fix; qtuning's collator: nothing."""
+    import warnings
+
+    from transformers import DataCollatorForLanguageModeling
+
+    def caught(collate, rows):
+        trainer = QTuningTrainer(model=copy.deepcopy(tiny_model), args=_args(tmp_path, num_train_epochs=1),
+                                 train_dataset=rows, data_collator=collate, processing_class=tokenizer, pruning=PruningConfig())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.train()
+        return [str(w.message) for w in seen if str(w.message).startswith("Q-Tuning:")]
+
+    ours = caught(collator(tokenizer.pad_token_id), arc_rows.select(range(9)))
+    assert len(ours) == 1 and "a batch of 1 row(s)" in ours[0] and "dataloader_drop_last=True" in ours[0]
+    plain = arc_rows.select(range(8)).remove_columns([c for c in arc_rows.column_names if c != "input_ids"])
+    lm = caught(DataCollatorForLanguageModeling(tokenizer, mlm=False), plain)
+    assert len(lm) == 1 and "will not learn to end its turns" in lm[0] and "qtuning.hf_trainer.collator" in lm[0]
+
+
 def test_a_pool_that_keeps_every_row_is_refused_in_trainer_terms(tmp_path):
     with pytest.raises(ValueError, match="per_device_train_batch_size=2"):
         experiment_for(PruningConfig(sample_ratio=0.75), _args(tmp_path, per_device_train_batch_size=2))
