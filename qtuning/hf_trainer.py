@@ -92,6 +92,13 @@ class QTuningMixin:
         self._qt_window = _Window()  # pruning figures since the last log
         self._qt_totals = {"loss_tokens": 0.0, "samples_trained": 0.0}
         self._qt_warned: dict[str, bool] = {}  # what _qt_check_batch has said already
+        # The recipe as `qtuning_<field>` entries of the model's config: every report_to integration (MLflow,
+        # W&B, TensorBoard's hparams, ...) logs the model config as the run's params, so runs compare by ratio in
+        # their UIs; the saved model's config.json keeps the recipe it was trained with
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            for field, value in pruning.model_dump(mode="json").items():
+                setattr(config, f"qtuning_{field}", value)
 
     # ---- running totals travel with the checkpoints: a resumed run continues them
     def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:

@@ -176,6 +176,24 @@ def test_a_short_last_batch_and_a_collator_that_masks_every_eos_are_said(tmp_pat
     assert len(lm) == 1 and "will not learn to end its turns" in lm[0] and "qtuning.hf_trainer.collator" in lm[0]
 
 
+def test_the_pruning_recipe_is_logged_through_report_to(tmp_path, tokenizer, tiny_model, arc_rows, monkeypatch):
+    """report_to=["mlflow"], the Trainer's own integration: the run's params include every PruningConfig field."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "plugin")
+    pruning = PruningConfig(sample_ratio=0.25, token_ratio=0.5)
+    trainer = QTuningTrainer(model=tiny_model, args=_args(tmp_path, max_steps=1, report_to=["mlflow"]),
+                             train_dataset=arc_rows, data_collator=collator(tokenizer.pad_token_id), pruning=pruning)
+    trainer.train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("plugin").experiment_id])
+    params = run.data.params
+    assert params["qtuning_sample_ratio"] == "0.25" and params["qtuning_token_ratio"] == "0.5"
+    assert {f"qtuning_{f}" for f in PruningConfig.model_fields} <= params.keys()
+
+
 def test_a_pool_that_keeps_every_row_is_refused_in_trainer_terms(tmp_path):
     with pytest.raises(ValueError, match="per_device_train_batch_size=2"):
         experiment_for(PruningConfig(sample_ratio=0.75), _args(tmp_path, per_device_train_batch_size=2))
