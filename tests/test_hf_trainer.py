@@ -186,7 +186,16 @@ def test_the_pruning_recipe_is_logged_through_report_to(tmp_path, tokenizer, tin
     pruning = PruningConfig(sample_ratio=0.25, token_ratio=0.5)
     trainer = QTuningTrainer(model=tiny_model, args=_args(tmp_path, max_steps=1, report_to=["mlflow"]),
                              train_dataset=arc_rows, data_collator=collator(tokenizer.pad_token_id), pruning=pruning)
-    trainer.train()
+    import mlflow
+
+    # the callback takes MLFLOW_TRACKING_URI only when this process has no fluent URI yet, and an earlier test in
+    # the same process (tasks.tracking's fluent calls) may have set one: point it here, and back afterwards
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        trainer.train()
+    finally:
+        mlflow.set_tracking_uri(previous)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("plugin").experiment_id])
     params = run.data.params

@@ -377,7 +377,8 @@ def test_credentials_in_a_tracking_uri_move_to_the_environment(monkeypatch):
     from tasks.tracking import resolve_tracking_uri
 
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so what resolve_tracking_uri sets is undone after the test
+        monkeypatch.delenv(var)
     assert resolve_tracking_uri("https://alice:s%40cret@mlflow.example:5000/") == "https://mlflow.example:5000/"
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s@cret")
     assert resolve_tracking_uri("postgresql+psycopg2://bob:pw@db:5432/mlflow") == "postgresql+psycopg2://bob@db:5432/mlflow"
