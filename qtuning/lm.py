@@ -132,6 +132,7 @@ def unpad(input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list
 def attention_implementation(model: nn.Module) -> str:
     """The attention implementation the model's layers dispatch to (transformers keeps it on the config only)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # no public accessor exists in transformers 5.x: its own layers read config._attn_implementation to dispatch
     return getattr(base.config, "_attn_implementation", None) or "eager"
 
 
