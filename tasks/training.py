@@ -16,6 +16,7 @@ stops the same way when it is killed outright (kill -9).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -214,7 +215,10 @@ def train_arm(config: ExperimentConfig, data: DataRecord, run: RunRef | None, pi
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(run, pipeline),
                             start_new_session=True)
     _LIVE.add(proc)
-    reader = threading.Thread(target=_stream, args=(proc, log, tail, pipeline.progress), daemon=True)
+    # in this task's context: its run logger then sends to the Prefect API this task uses (settings are
+    # context-local: a bare thread would fall back to the environment's, or start a temporary server of its own)
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(_stream, proc, log, tail, pipeline.progress),
+                              daemon=True)
     reader.start()
     logged = metric_steps(run, "train/loss") if run else set()
     metrics_file = out / "metrics.jsonl"

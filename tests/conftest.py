@@ -57,7 +57,7 @@ def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-# --------------------------------------------------------------------------- real servers (tests/test_deploy.py, tests/test_ui_browser.py)
+# --------------------------------------------------------------------------- real servers (tests/test_deploy.py, tests/test_flow_e2e.py and every module that runs flows)
 def free_port() -> int:
     """A free TCP port on loopback (free when asked; the server binds it a moment later)."""
     import socket
@@ -87,24 +87,12 @@ def wait_for_url(url: str, proc, timeout: float, log: Path | None = None) -> Non
     pytest.fail(f"{url} did not answer within {timeout:.0f}s (exit code {proc.poll()}):\n{tail}", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def background():
-    """background(cmd, log, env=None) -> Popen in its own process group; every group is ended at teardown
-    (SIGTERM, SIGKILL after 20 s), last started first."""
+def _end_groups(procs: list) -> None:
+    """End each process's group (SIGTERM, SIGKILL after 20 s), last started first."""
     import os
     import signal
     import subprocess
 
-    procs: list[subprocess.Popen] = []
-
-    def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        out = open(log, "ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        out.close()
-        procs.append(proc)
-        return proc
-
-    yield start
     for proc in reversed(procs):
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
             try:
@@ -118,11 +106,35 @@ def background():
                 continue
 
 
+def _starter(procs: list):
+    import subprocess
+
+    def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = open(log, "ab")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out.close()
+        procs.append(proc)
+        return proc
+
+    return start
+
+
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory, background):
+def background():
+    """background(cmd, log, env=None) -> Popen in its own process group; every group is ended at the module's
+    teardown (SIGTERM, SIGKILL after 20 s), last started first."""
+    procs: list = []
+    yield _starter(procs)
+    _end_groups(procs)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
     """A real `prefect server start` (API, UI, scheduler every second) on a free loopback port with a temporary
-    PREFECT_HOME; this process's Prefect client points at it. Yields {"api_url", "ui_url", "home", "env"}, where
-    env is what a subprocess needs to use the same server."""
+    PREFECT_HOME, one per test process (a server takes about 8 s of CPU to start: every module that runs flows
+    shares it); this process's Prefect client points at it. Yields {"api_url", "ui_url", "home", "env"}, where
+    env is what a subprocess needs to use the same server. Tests that count what is on the server count their
+    own flow runs (by id, or before and after): other modules' runs are there too."""
     import os
     import sys
 
@@ -135,13 +147,20 @@ def prefect_server(tmp_path_factory, background):
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # where the browser's UI calls (default :4200)
     env.pop("PREFECT_API_URL", None)
     prefect = str(Path(sys.executable).with_name("prefect"))
-    proc = background([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env)
-    wait_for_url(f"http://127.0.0.1:{port}/api/health", proc, timeout=120, log=home / "server.log")
-    api_url = f"http://127.0.0.1:{port}/api"
-    settings = {PREFECT_API_URL: api_url, PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    with temporary_settings(updates=settings):
-        yield {"api_url": api_url, "ui_url": f"http://127.0.0.1:{port}", "home": home,
-               "env": {**env, "PREFECT_API_URL": api_url}}
+    procs: list = []
+    proc = _starter(procs)([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env)
+    try:
+        wait_for_url(f"http://127.0.0.1:{port}/api/health", proc, timeout=120, log=home / "server.log")
+        api_url = f"http://127.0.0.1:{port}/api"
+        settings = {PREFECT_API_URL: api_url, PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+        with temporary_settings(updates=settings):
+            yield {"api_url": api_url, "ui_url": f"http://127.0.0.1:{port}", "home": home,
+                   "env": {**env, "PREFECT_API_URL": api_url}}
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # the flow runs' last logs reach the server before it stops, not after
+    finally:
+        _end_groups(procs)
 
 
 @pytest.fixture(scope="session")

@@ -368,8 +368,10 @@ if uri := os.environ.get("FAULT_TRACKING_URI"):  # an MLflow run this process ow
     run = tracking.create_run(uri, "faults", "arm")
     (work / f"run-{os.getpid()}").write_text(run.run_id)
 signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))  # raise, as Prefect's SIGTERM bridge does
-if start_at := float(os.environ.get("FAULT_START_AT", "0")):
-    time.sleep(max(0.0, start_at - time.time()))
+if parties := int(os.environ.get("FAULT_BARRIER", "0")):  # start together: once every process is ready to
+    (work / f"ready-{os.getpid()}").touch()               # train (imports done), not at a time fitted to one CPU
+    while len(list(work.glob("ready-*"))) < parties:
+        time.sleep(0.05)
 with disable_run_logger():
     record = training.train_arm.fn(cfg, data, run, pipe)
 (work / f"record-{os.getpid()}.json").write_text(record.model_dump_json())
@@ -457,8 +459,12 @@ def test_a_trainer_whose_pipeline_is_killed_stops_and_its_run_is_closed_as_orpha
 # --------------------------------------------------------------------------- two processes, one store or folder
 RACE = """
 import os, sys, time
+from pathlib import Path
 from tasks.tracking import create_run
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+barrier = Path(sys.argv[2])  # both start at once, as soon as both have imported mlflow
+(barrier / f"ready-{os.getpid()}").touch()
+while len(list(barrier.glob("ready-*"))) < 2:
+    time.sleep(0.01)
 create_run(sys.argv[1], "race", f"run-{os.getpid()}")
 """
 
@@ -474,8 +480,9 @@ def test_two_runs_creating_a_new_mlflow_store_at_once_both_succeed(tmp_path):
     script.write_text(RACE)
     for attempt in range(1):  # the unlocked store failed on every attempt of two
         uri = f"sqlite:///{tmp_path}/store-{attempt}/mlflow.db"
-        start_at = str(time.time() + 12)  # after both have imported mlflow
-        procs = [subprocess.Popen([PY, str(script), uri, start_at], env=_env(tmp_path), cwd=REPO,
+        barrier = tmp_path / f"barrier-{attempt}"
+        barrier.mkdir()
+        procs = [subprocess.Popen([PY, str(script), uri, str(barrier)], env=_env(tmp_path), cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
         outputs = [p.communicate(timeout=120)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
@@ -489,7 +496,7 @@ def test_identical_runs_started_together_train_an_arm_once(train_task, tmp_path)
     """Two identical runs started together used to train the same arm at once into the same folder, and its
     metrics.jsonl held every step twice. A stage's body runs under a lock per cache key: the second process
     waits, then reuses what the first wrote (its record), and every step is in the metrics file once."""
-    procs, root = train_task(epochs=5, launcher="python", n=2, FAULT_START_AT=str(time.time() + 15))
+    procs, root = train_task(epochs=5, launcher="python", n=2, FAULT_BARRIER="2")
     for i, p in enumerate(procs):
         assert p.wait(300) == 0, (tmp_path / f"task-{i}.log").read_text()[-3000:]
     (out,) = list(root.glob("arm-*"))
@@ -500,14 +507,14 @@ def test_identical_runs_started_together_train_an_arm_once(train_task, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path):
+def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path, prefect_server):
     """A cached stage used to be trusted as long as its files existed: a truncated tokenized data file was reused
     and failed later. Through Prefect's engine: the second call finds the file damaged, says which file, and
     rebuilds the stage."""
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_HOME, temporary_settings
 
     from tasks.data import prepare_data
 
@@ -518,9 +525,7 @@ def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path)
     def prepare():
         return prepare_data(data_cfg, model, pipe)
 
-    settings = {PREFECT_HOME: str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
-    with temporary_settings(updates=settings), prefect_test_harness(server_startup_timeout=None):
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect_home")}):
         first = prepare()
         (arrow,) = Path(first.path).glob("data-*.arrow")
         size = arrow.stat().st_size
@@ -530,10 +535,11 @@ def test_a_truncated_cached_file_is_reported_and_rebuilt_by_the_engine(tmp_path)
         assert again.produced_in != first.produced_in  # rebuilt in the second flow run, not a cache hit
         assert arrow.stat().st_size == size
 
-        def reported():  # logs reach the API in batches
+        def reported():  # logs reach the API in batches; the server is shared: the second flow run's logs
+            only = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[again.produced_in]))
             with get_client(sync_client=True) as client:
                 return any("cannot be trusted, rebuilding" in log.message and f"{arrow} is damaged" in log.message
-                           for log in client.read_logs())
+                           for log in client.read_logs(log_filter=only))
 
         wait_for("the damaged file reported in the flow run's log", reported, 30)
         third = prepare()

@@ -1,14 +1,18 @@
-"""The compare flow for real: Prefect's engine on a temporary server (and a temporary PREFECT_HOME), a SQLite
-MLflow store in a temporary folder, `accelerate launch` training subprocesses on CPU, lm-eval on bundled items.
+"""The compare flow for real: Prefect's engine on the test process's real server (with this module's own
+PREFECT_HOME), a SQLite MLflow store in a temporary folder, `accelerate launch` training subprocesses on CPU, lm-eval on bundled items.
 
 A tiny random llama (real tokenizer) on 16 ARC rows and one item per benchmark keeps it to a few minutes.
 The runs build on each other: a first comparison, the same again (all cached, nothing trains), one pruning
-field changed (only the pruned arm retrains), and a training that fails (its runs end FAILED).
+field changed (only the pruned arm retrains), and a training that fails (its runs end FAILED); the first
+comparison is also read in a real browser, in the MLflow and Prefect UIs.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -16,14 +20,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from prefect.settings import (
-    PREFECT_HOME,
-    PREFECT_SERVER_ANALYTICS_ENABLED,
-    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    temporary_settings,
-)
-from prefect.testing.utilities import prefect_test_harness
+from prefect.settings import PREFECT_HOME, temporary_settings
 
+from conftest import free_port, wait_for_url
 from flows.compare import compare
 from qtuning.config import CompareConfig, DataConfig, PipelineConfig, TrainingConfig, with_overrides
 from qtuning.config import EvalConfig
@@ -35,15 +34,11 @@ BENCHMARKS = [t.removeprefix("qt_") for t in DEFAULT_TASKS]
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect_home")
-    settings = {
-        PREFECT_HOME: str(home),  # task results and cache records go to PREFECT_HOME/storage
-        PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90,
-    }
-    with temporary_settings(updates=settings), prefect_test_harness(server_startup_timeout=None):
-        yield home
+def prefect(prefect_server, tmp_path_factory):
+    """The test process's real Prefect server (tests/conftest.py), with this module's own PREFECT_HOME: task
+    results and cache records go to PREFECT_HOME/storage, so no other module's cached stages are found here."""
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path_factory.mktemp("prefect_home"))}):
+        yield prefect_server
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +90,18 @@ def compare_counting(cfg: CompareConfig):
     """compare(cfg), and how many task runs of each stage it ended in each state (the tests of this module may
     run in any order: each counts only its own flow run's tasks)."""
     before = {name: task_states(name) for name in STAGES}
-    result = compare(cfg)
-    return result, {name: task_states(name) - before[name] for name in STAGES}
+    state = compare(cfg, return_state=True)
+    assert state.is_completed(), state
+    return state.result(), {name: task_states(name) - before[name] for name in STAGES}, state.state_details.flow_run_id
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_server, config):
+def first_run(prefect, config):
+    """The first comparison: (its ComparisonResult, task states per stage, its flow run id)."""
     start = time.perf_counter()
-    result, states = compare_counting(config)
+    result, states, flow_run_id = compare_counting(config)
     print(f"first comparison: {time.perf_counter() - start:.1f}s")
-    return result, states
+    return result, states, flow_run_id
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +174,136 @@ def test_first_comparison_table(first_run, first):
     assert first_run[1]["train"] == {"Completed": 2}
 
 
+# --------------------------------------------------------------------------- the UIs, in a real browser
+# The first comparison as a person sees it: headless Chromium (Debian's chromium + chromium-driver, through
+# selenium) reads the MLflow UI (`qtuning ui` on the comparison's store) and the Prefect UI (the test process's
+# real server): the runs of the experiment with a metric, a run's metric value, the compare flow run completed.
+# Screenshots go to the test's temporary folder, and also to $QTUNING_SCREENSHOTS when set
+# (`QTUNING_SCREENSHOTS=docs pytest -m browser` refreshes docs/mlflow-ui.png and docs/prefect-ui.png).
+# Skipped where chromium, chromedriver or selenium are missing (.ci/run installs them).
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
+# Flags for a headless browser in a container that reaches nothing outside loopback.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1440,900"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(config, background, tmp_path_factory) -> dict:
+    """`qtuning ui` on the comparison's store."""
+    log = tmp_path_factory.mktemp("mlflow_ui") / "ui.log"
+    port = free_port()
+    proc = background([sys.executable, "-m", "commands.ui", "--port", str(port),
+                       "--tracking-uri", config.pipeline.tracking_uri], log)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_url(f"{url}/health", proc, timeout=90, log=log)
+    return {"url": url, "proc": proc, "log": log}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """shots(driver, name) -> the screenshot's path; copied to $QTUNING_SCREENSHOTS when set."""
+    folder = tmp_path_factory.mktemp("screenshots")
+
+    def save(driver, name: str) -> Path:
+        path = folder / f"{name}.png"
+        assert driver.save_screenshot(str(path)), path
+        if os.environ.get("QTUNING_SCREENSHOTS"):
+            Path(os.environ["QTUNING_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(os.environ["QTUNING_SCREENSHOTS"]) / path.name)
+        return path
+
+    return save
+
+
+def page_text(driver, expected: list[str], timeout: float = 60) -> str:
+    """The page's visible text once every string of `expected` is in it (single-page apps render late)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = driver.find_element("tag name", "body").text
+        if all(s in text for s in expected):
+            time.sleep(1)  # let the last requests settle before a screenshot
+            return driver.find_element("tag name", "body").text
+        time.sleep(1)
+    missing = [s for s in expected if s not in text]
+    pytest.fail(f"{driver.current_url}: not shown after {timeout:.0f}s: {missing}\npage text:\n{text[:3000]}", pytrace=False)
+
+
+def value_after(text: str, label: str) -> float:
+    """The number on the line after `label` (MLflow's key/value tables render as alternating lines)."""
+    lines = text.splitlines()
+    return float(lines[lines.index(label) + 1])
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_mlflow_ui_shows_the_runs_and_a_metric(first, config, mlflow_client, mlflow_ui, browser, shots):
+    runs = children(mlflow_client, first.parent_run_id)
+    assert set(runs) == {"full", "qtuning-25x50"}
+    every = mlflow_client.search_runs([first.experiment_id])  # this module's later comparisons too, when they ran first
+    ui = mlflow_ui["url"]
+
+    # The runs table as a user leaves it: classic "Model training" view, the assistant panel closed, the
+    # comparison expanded to its arms and three metric columns chosen (the UI keeps these in localStorage).
+    browser.get(f"{ui}/health")
+    view = {"selectedColumns": ["metrics.`eval/average`", "metrics.`train/loss`", "metrics.`train/loss_tokens`",
+                                "attributes.`Source`"],
+            "runsExpanded": {first.parent_run_id: True}}
+    browser.execute_script(
+        "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+        "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+        "localStorage.setItem(arguments[0], arguments[1]);",
+        f'MLflowLocalStorage-1.1-ExperimentPage-["{first.experiment_id}"]-ReactComponentState', json.dumps(view))
+    browser.get(f"{ui}/#/experiments/{first.experiment_id}/runs?workflowType=machine_learning")
+    full = runs["full"]
+    loss = full.data.metrics["train/loss"]
+    page_text(browser, ["Run Name", config.name, "full", "qtuning-25x50", "eval/average", "train/loss",
+                        f"{len(every)} matching runs", repr(loss)])  # JS and Python print a float alike (shortest repr)
+    shots(browser, "mlflow-ui")
+
+    # One arm's page: its logged metric with the value the store holds.
+    browser.get(f"{ui}/#/experiments/{first.experiment_id}/runs/{full.info.run_id}")
+    text = page_text(browser, ["Metrics (", "train/loss", "eval/average", "Parent run", config.name, "Finished"])
+    assert value_after(text, "train/loss") == pytest.approx(loss, rel=1e-6)
+    assert value_after(text, "train/loss_tokens") == full.data.metrics["train/loss_tokens"]
+    shots(browser, "mlflow-run")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_prefect_ui_shows_the_flow_run(first_run, prefect, config, browser, shots):
+    flow_run_id = first_run[2]
+    browser.get(f"{prefect['ui_url']}/runs/flow-run/{flow_run_id}")
+    page_text(browser, [f"compare-{config.name}", "Completed", "Subflow Runs",  # the run, its state, its logs
+                        f"Beginning flow run 'compare-{config.name}' for flow 'compare'", "comparison:"], timeout=90)
+    shots(browser, "prefect-ui")
+
+    browser.get(f"{prefect['ui_url']}/runs")
+    page_text(browser, [f"compare-{config.name}", "experiment-full", "experiment-qtuning-25x50"], timeout=90)
+
+
 def test_second_run_hits_the_caches_and_trains_nothing(first, config, mlflow_client):
     train_dirs = sorted(Path(config.pipeline.runs_dir, "train").iterdir())
     start = time.perf_counter()
-    again, states = compare_counting(config)
+    again, states, _ = compare_counting(config)
     print(f"cached comparison: {time.perf_counter() - start:.1f}s")
     assert again.parent_run_id != first.parent_run_id
     assert states["train"] == {"Cached": 2} and states["evaluate"] == {"Cached": 2}
@@ -198,7 +321,7 @@ def test_changing_one_pruning_field_retrains_only_the_pruned_arm(first, config, 
     raw["arms"][1]["pruning"]["token_ratio"] = 0.75  # keeps other tokens, so the weights (and scores) change
     changed = CompareConfig.model_validate(raw)
     trained = set(Path(config.pipeline.runs_dir, "train").iterdir())
-    result, states = compare_counting(changed)
+    result, states, _ = compare_counting(changed)
     assert states["train"] == {"Completed": 1, "Cached": 1}
     assert states["evaluate"] == {"Completed": 1, "Cached": 1}  # keyed by the checkpoint's content
     runs = children(mlflow_client, result.parent_run_id)

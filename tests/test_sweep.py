@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qtuning.config import ConfigError, SweepConfig, validate
+from qtuning.config import ConfigError, SweepConfig, validate, with_overrides
 from qtuning.report import format_sweep_table, sweep_figure, sweep_table
 
 
@@ -87,20 +87,21 @@ def test_table_shows_mean_and_spread_over_seeds(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp_path, tiny_compare_config):
+def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp_path, tiny_compare_config, prefect_server):
+    """Through Prefect's engine on the test process's real server (tests/conftest.py), with a PREFECT_HOME of its
+    own for task results. One benchmark and the plain-python launcher: what is under test is which arms train,
+    the comparison flow tests every benchmark under `accelerate launch`."""
     from mlflow import MlflowClient
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_HOME, temporary_settings
 
     from flows.sweep import sweep
 
     base = tiny_compare_config(tmp_path, name="sweep")
+    base = with_overrides(base, {"evaluation.tasks": ["qt_arc_easy"], "pipeline.launcher": "python"})
     shared = {k: getattr(base, k) for k in ("model", "data", "training", "evaluation", "pipeline")}
     first = SweepConfig(name="sweep-a", **shared, grid={"pruning.token_ratio": [0.5]})
     second = SweepConfig(name="sweep-b", **shared, grid={"pruning.token_ratio": [0.5, 0.7]})
-    settings = {PREFECT_HOME: str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
-    with temporary_settings(updates=settings), prefect_test_harness(server_startup_timeout=None):
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect")}):
         a = sweep(first)
         b = sweep(second)  # shares the baseline and one arm with the first sweep
 
