@@ -76,11 +76,15 @@ def time_epochs(base: ExperimentConfig, out: Path, repeats: int = 1) -> dict[str
     """Each arm's epoch, `repeats` times, the rounds in alternating order (forward, then backward) so that drift
     in the machine's speed reaches every arm alike; an arm's figures are those of its fastest round (best of N,
     as `timeit` takes: noise only ever adds time), with every round's loop seconds beside them."""
+    from qtuning.data import build_sft_dataset
+    from qtuning.modeling import load_tokenizer
     from qtuning.train import train
 
+    # the rows are read and tokenized once: every arm and round trains on the same prepared set
+    data = build_sft_dataset(base.data, load_tokenizer(base.model), progress=False)
     # warm-up: thread pools, allocator, kernels (not timed)
     warm = base.model_copy(update={"training": base.training.model_copy(update={"max_steps": 1, "output_dir": str(out / "warm")})})
-    train(warm, progress=False, save=False)
+    train(warm, data=data, progress=False, save=False)
     keys = ("loop_seconds", "loop_cpu_seconds", "score_seconds", "optimizer_steps", "loss_tokens", "final_loss", "padding_share",
             "real_tokens_per_second", "cpu_threads")
     rounds: dict[str, list[dict]] = {name: [] for name in ARMS}
@@ -93,7 +97,7 @@ def time_epochs(base: ExperimentConfig, out: Path, repeats: int = 1) -> dict[str
                 update={"pruning": pruning, "training": base.training.model_copy(update={"output_dir": str(out / name / str(r))})}
             )
             stolen = steal_seconds()
-            s = train(cfg, progress=True, save=False)
+            s = train(cfg, data=data, progress=True, save=False)
             rec = {k: s[k] for k in keys}
             rec["steal_seconds"] = None if stolen is None else round(steal_seconds() - stolen, 2)
             rounds[name].append(rec)
