@@ -358,13 +358,11 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
 
 
 def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)])
+    """Cells already formatted as strings -> tabulate's aligned text (arm left, figures right) or a Markdown pipe table."""
+    from tabulate import tabulate
+
+    align = ("left", *["right"] * (len(header) - 1))
+    return tabulate(body, headers=header, tablefmt="pipe" if markdown else "simple", colalign=align, disable_numparse=True)
 
 
 # --------------------------------------------------------------------------- pruned tokens, readable
@@ -455,12 +453,7 @@ def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
                 cells.append(f"{v:.2f}")
         cells.append(str(int(r["seeds"])))
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(header), *(fmt(c) for c in lines)])
+    return _render(header, lines, markdown)
 
 
 def sweep_figure(table: pd.DataFrame, baseline: str = "full"):

@@ -364,6 +364,9 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model=None) -> Path:
     """checkpoints/step-N, written as step-N.partial and renamed when complete; then the oldest beyond `keep` go."""
+    # Not accelerate's ProjectConfiguration(automatic_checkpoint_naming, total_limit): its checkpoint_N folders are
+    # numbered by save count, not optimizer step, written in place (a killed save leaves a folder that looks
+    # complete) and rotated before the new one is known good; here a save is atomic and the last good one stays.
     root = out / "checkpoints"
     ckpt, partial = root / f"step-{state.step}", root / f"step-{state.step}.partial"
     if accelerator.is_main_process:

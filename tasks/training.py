@@ -311,6 +311,8 @@ class TrainingProgress:
 def _sync_metrics(run: RunRef, path: Path, logged: set[int], on_step=None) -> None:
     """Log the steps of metrics.jsonl that the run does not have yet (live during training, or a replay); `on_step`
     hears the last step seen."""
+    # Not accelerate's MLflow tracker in the trainer: qtuning imports no MLflow (issue 6), a trainer on a worker
+    # may not reach the tracking server, and the file replays a cached or resumed run into a new MLflow run.
     if not path.exists():
         return
     for line in path.read_text().splitlines():

@@ -17,6 +17,9 @@ The rules follow the paper's protocol (OpenCompass):
   "us" is not in "bus").
 """
 
+# Not lm-eval's `regex` filter + `exact_match`: they can take the last number (group_select: -1) and drop commas
+# (regexes_to_ignore), but compare strings, so "18.00" misses "18"; lm-eval's SQuAD scoring loads HF evaluate's
+# metric from the hub (offline here), and it has no whole-word answer-contained metric. Hence these, unit-tested.
 from __future__ import annotations
 
 import re

@@ -60,6 +60,8 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
     import datasets.config as ds_config
     import huggingface_hub.constants as hub_constants
 
+    # The documented variables are read once, when huggingface_hub and datasets are imported; in a process that
+    # imported them already (the pipeline's, a notebook's) only their constants still decide, so both are set.
     env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved_env = {k: os.environ.get(k) for k in env_keys}
     saved = (hub_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE)
