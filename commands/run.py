@@ -1,7 +1,7 @@
 """`qtuning run`: compare full-data SFT with pruned arms, end to end, and print the comparison table.
 
 With no arguments it runs the embedded default (SmolLM2-135M-Instruct, a slice of the ShareGPT preset,
-full data vs Q-Tuning 25%x50%, a slice of each of the five benchmarks) in about a quarter of an hour on a
+full data vs Q-Tuning 25%x50%, a slice of each of the five benchmarks) in about 4 minutes on a
 2-core CPU. Options and a YAML config (`CompareConfig`) scale it up; on a GPU training runs in bf16.
 Every stage is a cached Prefect task and everything is logged to MLflow (`MLFLOW_TRACKING_URI` honoured).
 """
@@ -19,7 +19,7 @@ from qtuning.config import CompareConfig, ConfigError, load_yaml, parse_override
 
 EPILOG = """\
 examples:
-  qtuning run                                  # the embedded default, ~15 min on 2 CPU cores
+  qtuning run                                  # the embedded default, ~4 min on 2 CPU cores
   qtuning run --json out.json                  # also write the table as JSON (for scripts)
   qtuning run --config compare.yaml            # a CompareConfig YAML (see --print-config)
   qtuning run --rows 2000 --max-length 1024 --epochs 2 --eval-limit 300 --zero-shot   # paper-like, on a GPU
