@@ -252,6 +252,8 @@ def comparison_table(
         row["loop_seconds"] = float(a.get("loop_seconds") or 0.0)
         if with_heldout:
             row["heldout_loss"] = float(a["heldout_loss"]) if a.get("heldout_loss") is not None else math.nan
+        if a.get("budget_tokens"):  # equal_tokens: the share of its budget the arm reached
+            row["budget_share"] = row["loss_tokens"] / int(a["budget_tokens"])
         if base_samples is not None and a.get("samples") is not None and a["name"] != baseline:
             boot = paired_bootstrap(a["samples"], base_samples, n_resamples=n_resamples, seed=seed)
             for b, r in boot.iterrows():
@@ -277,6 +279,16 @@ def _interval(table: pd.DataFrame, arm: Any, prefix: str) -> str:
         return ""
     lo, hi = table.at[arm, f"{prefix}diff_lo"], table.at[arm, f"{prefix}diff_hi"]
     return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + ("*" if lo > 0 or hi < 0 else "")
+
+
+def budget_notes(table: pd.DataFrame, tolerance: float = 0.005) -> list[str]:
+    """One sentence per equal_tokens arm that trained fewer loss tokens than Q-Tuning would have on its pools."""
+    if "budget_share" not in table.columns:
+        return []
+    return [f"{arm} (budget equal_tokens) trained {share:.0%} of the loss tokens Q-Tuning would have trained on its "
+            "pools: where a pool's kept rows hold fewer response tokens than Q-Tuning keeps, token pruning cannot add "
+            "any, so the arm is compared at a smaller budget than its name says."
+            for arm, share in table["budget_share"].items() if not math.isnan(share) and share < 1 - tolerance]
 
 
 def noise_notes(table: pd.DataFrame) -> list[str]:
@@ -319,7 +331,7 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     """
     benches = table.attrs.get("benchmarks") or [c for c in table.columns if c in BENCHMARKS]
     shown = [c for c in table.columns if not c.endswith(("_stderr", "_diff", "_diff_lo", "_diff_hi", "_items"))
-             and c not in ("diff", "diff_lo", "diff_hi", "outside_noise")]
+             and c not in ("diff", "diff_lo", "diff_hi", "outside_noise", "budget_share")]
     has_diff = "diff" in table.columns
     cols = list(shown)
     if has_diff:
@@ -351,7 +363,7 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
         diff_rows = [[str(arm), *(_interval(table, arm, f"{b}_") or "-" for b in benches)]
                      for arm in table.index if not math.isnan(table.at[arm, "diff"])]
         blocks.append(_render([f"arm - {table.attrs.get('baseline', 'full')}", *benches], diff_rows, markdown))
-    notes = noise_notes(table)
+    notes = noise_notes(table) + budget_notes(table)
     if notes:
         blocks.append("\n".join(("- " if markdown else "") + n for n in notes))
     return "\n\n".join(blocks)

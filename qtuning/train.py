@@ -324,6 +324,7 @@ class TrainState:
     loop_cpu_seconds: float = 0.0  # this process's CPU time in stages 1-4 (steadier than wall time on a shared CPU)
     fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
     fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
+    budget_tokens: int = 0  # pruning.budget: equal_tokens: the loss tokens Q-Tuning would have trained on these pools
 
 
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -756,6 +757,9 @@ def train(
         **({"heldout_loss": eval_metrics["eval/loss"], "heldout_ppl": eval_metrics["eval/ppl"],
             "heldout_rows": len(data.heldout), "heldout_tokens": eval_metrics["eval/tokens"]} if eval_metrics else {}),
         "cpu_threads": torch.get_num_threads(),  # per process: what the launcher gave it
+        # equal_tokens: Q-Tuning's count on the same pools, the budget loss_tokens reaches only where the kept rows
+        # hold enough tokens (a comparison table says by how much an arm falls short)
+        **({"budget_tokens": state.budget_tokens} if cfg.pruning.budget == "equal_tokens" else {}),
         "padding_share": round(1 - state.fed_real_tokens / max(state.fed_tokens, 1), 4),
         "real_tokens_per_second": round(state.fed_real_tokens / max(state.score_seconds + state.learn_seconds, 1e-9), 1),
         "mixed_precision": mixed_precision,
@@ -856,6 +860,7 @@ def record_step(accelerator, state: TrainState, pools: list[Pruned], learned: Le
     state.loop_cpu_seconds += cpu_s
     state.fed_tokens += int(fed)
     state.fed_real_tokens += int(fed_real)
+    state.budget_tokens += int(counts["budget_tokens"])
     if learned.skipped:
         state.skipped_steps += 1
     else:

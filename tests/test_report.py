@@ -210,6 +210,17 @@ def test_comparison_table_shows_stderr_budget_and_says_when_items_are_too_few():
     assert md_cells(md.splitlines()[0])[:2] == ["arm", "budget"]
 
 
+def test_an_equal_tokens_arm_below_its_budget_is_named_in_the_notes():
+    arms = [{**ARMS[0], "budget": None},
+            {**ARMS[1], "name": "random", "budget": "equal_tokens", "loss_tokens": 880, "budget_tokens": 1000},
+            {**ARMS[1], "name": "reached", "budget": "equal_tokens", "loss_tokens": 1000, "budget_tokens": 1000}]
+    table = comparison_table(arms)
+    assert table.at["random", "budget_share"] == pytest.approx(0.88)
+    text = format_table(table)
+    assert "random (budget equal_tokens) trained 88% of the loss tokens Q-Tuning would have trained" in text
+    assert "reached (budget" not in text and "budget_share" not in text
+
+
 def test_comparison_table_marks_a_difference_outside_the_noise():
     base = _items({"arc_easy": [0] * 50})
     arms = [

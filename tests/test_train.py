@@ -303,3 +303,15 @@ def test_qtuning_train_answers_help_before_loading_torch_and_refuses_in_one_line
     assert res.returncode == 2
     lines = [l for l in res.stderr.splitlines() if l.startswith("qtuning train:")]
     assert lines and "training.precision: bf16 needs a GPU" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_an_equal_tokens_arm_reports_the_budget_it_was_given(tmp_path):
+    """budget: equal_tokens meets Q-Tuning's count only where the kept rows hold enough tokens: the summary keeps
+    the budget summed over the pools, and the arm's loss tokens never exceed it."""
+    cfg = make_cfg(tmp_path, {"sample": "random", "token": "random", "sample_ratio": 0.25, "token_ratio": 0.5,
+                              "budget": "equal_tokens"}, epochs=1)
+    s = train(cfg, progress=False, save=False)
+    assert 0 < s["loss_tokens"] <= s["budget_tokens"]
+    own = train(make_cfg(tmp_path / "own", {"sample": "random", "token": "random", "sample_ratio": 0.25, "token_ratio": 0.5},
+                         epochs=1), progress=False, save=False)
+    assert "budget_tokens" not in own
