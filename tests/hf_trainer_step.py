@@ -1,7 +1,7 @@
 """One QTuningTrainer step, run by tests/test_hf_trainer.py in one process or under `accelerate launch`.
 
-    python tests/hf_trainer_step.py OUT GRAD_ACCUM AVERAGE_TOKENS    # writes OUT/weights.safetensors (rank 0)
-                                                                    # and OUT/pools-<rank>.json
+    python tests/hf_trainer_step.py OUT GRAD_ACCUM AVERAGE_TOKENS...   # for each AVERAGE_TOKENS (1 or 0), from the
+        same seeded model: OUT/weights-<AVERAGE_TOKENS>.safetensors (rank 0) and OUT/pools-<AVERAGE_TOKENS>-<rank>.json
 
 Plain SGD, so a step moves each weight by lr x its gradient and the saved weights compare gradients.
 """
@@ -39,10 +39,15 @@ class Recording(QTuningTrainer):
         return super().get_batch_samples(iter(batches), len(batches), device)
 
 
-def main(out: Path, grad_accum: int, average_tokens: bool) -> None:
+def main(out: Path, grad_accum: int, variants: list[bool]) -> None:
     cfg = tiny_model_config()
     tok = load_tokenizer(cfg)
     rows = build_sft_dataset(DataConfig(source="arc", limit=16, max_length=160), tok, progress=False).dataset
+    for average_tokens in variants:  # one launch, every variant: the processes start (and import) once
+        step(out, cfg, tok, rows, grad_accum, average_tokens)
+
+
+def step(out: Path, cfg, tok, rows, grad_accum: int, average_tokens: bool) -> None:
     torch.manual_seed(0)
     model = load_model(cfg)
     args = TrainingArguments(
@@ -53,12 +58,14 @@ def main(out: Path, grad_accum: int, average_tokens: bool) -> None:
     )
     trainer = Recording(model=model, args=args, train_dataset=rows, data_collator=collator(tok.pad_token_id),
                         pruning=PruningConfig(sample="qtuning", token="qtuning", sample_ratio=0.25, token_ratio=0.5))
+    trainer.pools = []  # this step's own
     trainer.train()
     rank = trainer.args.process_index
-    (out / f"pools-{rank}.json").write_text(json.dumps(trainer.pools))
+    (out / f"pools-{int(average_tokens)}-{rank}.json").write_text(json.dumps(trainer.pools))
     if rank == 0:
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(out / "weights.safetensors"))
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                  str(out / f"weights-{int(average_tokens)}.safetensors"))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1")
+    main(Path(sys.argv[1]), int(sys.argv[2]), [v == "1" for v in sys.argv[3:]])

@@ -256,7 +256,9 @@ def test_sft_trainer_with_a_chat_data_set(tmp_path, tokenizer, tiny_model):
                           train_dataset=datasets.Dataset.from_list(chats), processing_class=copy.deepcopy(tokenizer))
 
 
-def _trainer_step(tmp_path, name: str, processes: int, average_tokens: bool = True) -> tuple[dict, list[str]]:
+def _trainer_steps(tmp_path, name: str, processes: int, *average_tokens: bool) -> dict[bool, tuple[dict, list[str]]]:
+    """{average_tokens: (weights after one step, digests of the pools triaged)} from one run of
+    tests/hf_trainer_step.py in one process or under a `processes`-process `accelerate launch`."""
     import json
     import os
     import subprocess
@@ -267,7 +269,7 @@ def _trainer_step(tmp_path, name: str, processes: int, average_tokens: bool = Tr
 
     out = tmp_path / name
     out.mkdir()
-    script = [str(Path(__file__).with_name("hf_trainer_step.py")), str(out), str(2 // processes), str(int(average_tokens))]
+    script = [str(Path(__file__).with_name("hf_trainer_step.py")), str(out), str(2 // processes), *(str(int(a)) for a in average_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if processes == 1:
         cmd = [sys.executable, *script]
@@ -277,8 +279,9 @@ def _trainer_step(tmp_path, name: str, processes: int, average_tokens: bool = Tr
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    pools = sorted(p for f in out.glob("pools-*.json") for p in json.loads(f.read_text()))
-    return load_file(str(out / "weights.safetensors")), pools
+    return {a: (load_file(str(out / f"weights-{int(a)}.safetensors")),
+                sorted(p for f in out.glob(f"pools-{int(a)}-*.json") for p in json.loads(f.read_text())))
+            for a in average_tokens}
 
 
 @pytest.mark.numerics
@@ -287,9 +290,9 @@ def test_two_processes_take_the_trainer_step_of_one_process_with_the_same_global
     loss-token count and DDP's average is undone: 2 processes x 1 pool move the weights as 1 process x 2
     accumulated pools (plain SGD: the step is lr x the gradient). Per-process counts, as before, do not."""
     start = dict(tiny_model.named_parameters())
-    one, pools_one = _trainer_step(tmp_path, "one", 1)
-    two, pools_two = _trainer_step(tmp_path, "two", 2)
-    own, _ = _trainer_step(tmp_path, "per-process", 2, average_tokens=False)
+    one, pools_one = _trainer_steps(tmp_path, "one", 1, True)[True]
+    launched = _trainer_steps(tmp_path, "two", 2, True, False)
+    (two, pools_two), (own, _) = launched[True], launched[False]
     assert pools_one == pools_two and len(pools_two) == 2  # the same two pools, triaged alike
     moved = {n: one[n] - start[n].detach() for n in one}
     assert max(float(d.abs().max()) for d in moved.values()) > 1e-4
