@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import FP32_EPS, GRAD_TOL, assert_grads_close
+from conftest import FP32_EPS, GRAD_TOL, assert_grads_close, skip_unless_bf16_attention_runs_here
 from qtuning.config import ConfigError, DataConfig, ExperimentConfig, PipelineConfig, PruningConfig, TrainingConfig, validate
 from qtuning.data import IGNORE_INDEX as IGNORE
 from qtuning.data import build_sft_dataset, collate
@@ -75,6 +75,7 @@ def test_chunked_loss_and_its_gradient_equal_the_full_logits_ones(tiny_model, ar
 @pytest.mark.parametrize("mode", ["bf16 weights", "fp32 weights, bf16 autocast"])
 def test_the_chunked_loss_in_bf16_follows_the_fp32_one(tiny_model, arc_batch, mode):
     # the GPU's precisions, run on the CPU: gradients come back in each weight's dtype and point where fp32's do
+    skip_unless_bf16_attention_runs_here()
     b, row_w = arc_batch, torch.linspace(0.5, 2.0, arc_batch.input_ids.shape[0])
     rows, lengths = unpad(b.input_ids, b.attention_mask)
     lanes = build_lanes(rows, list(loss_targets(b.labels)), lane_plan(lengths, "packed", 100), pad_id=0)
