@@ -59,11 +59,8 @@ def mlflow_server(databases, background, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prefect_on_postgres(databases, background, tmp_path_factory):
-    """`prefect server start` with its database on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL); this
-    process's client points at it, with a PREFECT_HOME of its own for task results."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-
+def prefect_on_postgres(databases, background, tmp_path_factory) -> str:
+    """`prefect server start` with its database on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL): its API URL."""
     home = tmp_path_factory.mktemp("prefect_pg_server")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -72,36 +69,40 @@ def prefect_on_postgres(databases, background, tmp_path_factory):
     prefect = str(Path(sys.executable).with_name("prefect"))
     proc = background([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env)
     wait_for_url(f"http://127.0.0.1:{port}/api/health", proc, timeout=180, log=home / "server.log")
-    settings = {PREFECT_API_URL: f"http://127.0.0.1:{port}/api", PREFECT_HOME: str(tmp_path_factory.mktemp("prefect_client")),
-                PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    with temporary_settings(updates=settings):
-        yield settings[PREFECT_API_URL]
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()
+    return f"http://127.0.0.1:{port}/api"
 
 
 @pytest.fixture(scope="module")
 def compared(mlflow_server, prefect_on_postgres, tiny_compare_config, tmp_path_factory):
-    """The tiny comparison (one benchmark) with pipeline.tracking_uri = the tracking server's URL: (its flow run
-    id, ComparisonResult, config)."""
-    from flows.compare import compare
+    """`qtuning run` of the tiny comparison (one benchmark) on a machine that knows the servers only by
+    MLFLOW_TRACKING_URI and PREFECT_API_URL (a process of its own: a test process's Prefect clients may already
+    be bound to another server): (its table as JSON, config)."""
+    import json
+    import subprocess
+
     from qtuning.config import with_overrides
 
-    cfg = tiny_compare_config(tmp_path_factory.mktemp("team"), name="team")
-    cfg = with_overrides(cfg, {"pipeline.tracking_uri": mlflow_server["url"], "evaluation.tasks": ["qt_arc_easy"]})
-    state = compare(cfg, return_state=True)
-    assert state.is_completed(), state
-    return state.state_details.flow_run_id, state.result(), cfg
+    root = tmp_path_factory.mktemp("team")
+    cfg = tiny_compare_config(root, name="team")
+    cfg = with_overrides(cfg, {"pipeline.tracking_uri": None, "evaluation.tasks": ["qt_arc_easy"]})
+    path = cfg.save(root / "team.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server["url"], "PREFECT_API_URL": prefect_on_postgres,
+           "PREFECT_HOME": str(root / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    res = subprocess.run([sys.executable, "-m", "commands.cli", "run", "--config", str(path), "--no-progress",
+                          "--json", str(root / "table.json")], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Starting temporary server" not in res.stdout + res.stderr  # the team's server, not one of its own
+    return json.loads((root / "table.json").read_text()), cfg
 
 
 def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlflow_server, databases, tmp_path):
     import psycopg2
     from mlflow import MlflowClient
 
-    _, result, cfg = compared
+    table, cfg = compared
     client = MlflowClient(mlflow_server["url"])
-    parent = client.get_run(result.parent_run_id)
+    parent = client.get_run(table["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.artifact_uri.startswith("mlflow-artifacts:/")
     kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in kids) == ["full", "qtuning-25x50"]
@@ -117,20 +118,20 @@ def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlf
         assert {"team", "full", "qtuning-25x50"} <= {row[0] for row in cur.fetchall()}
 
 
-def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databases):
+def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databases, prefect_on_postgres):
     import psycopg2
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    flow_run_id, _, _ = compared
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-    assert run.state is not None and run.state.is_completed()
     def query(sql: str, *args) -> list[tuple]:
         with psycopg2.connect(databases["prefect"]) as conn, conn.cursor() as cur:
             cur.execute(sql, args)
             return cur.fetchall()
 
-    assert query("SELECT name, state_type FROM flow_run WHERE id = %s", str(flow_run_id)) == [("compare-team", "COMPLETED")]
+    ((flow_run_id, state),) = query("SELECT id, state_type FROM flow_run WHERE name = 'compare-team'")
+    assert state == "COMPLETED"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_on_postgres}), get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).state.is_completed()  # and the API serves it from there
     # the arms' subflows ran their tasks against this database too; task runs reach it as events, which the
     # server writes in the background: wait for them (a state), not for a time
     subflow_tasks = ("SELECT count(*) FROM task_run WHERE flow_run_id IN "
