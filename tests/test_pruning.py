@@ -208,14 +208,34 @@ def test_infobatch_fixed_fills_k_with_rescaled_low_loss_rows():
     assert (sel.weight[~sel.keep] == 0).all()
 
 
-def test_every_rule_is_registered_for_the_config_choices():
-    from typing import get_args
+def test_every_registered_rule_is_a_working_config_choice():
+    """Each registered rule is a choice the config accepts, describes and reads needs_scores from, and its function
+    runs on a pool: a sample rule keeps at least K = round(b * r_s) rows, a token rule gives one priority per
+    token. A name outside the registry is refused with every registered name in the message."""
+    from pydantic import ValidationError
 
-    from qtuning.config import SampleRule, TokenRule
-    from qtuning.rules import TOKEN_RULES
+    from qtuning.rules import TOKEN_RULES, keep_count
 
-    assert set(get_args(SampleRule)) == set(SAMPLE_RULES)
-    assert set(get_args(TokenRule)) == set(TOKEN_RULES)
+    b, t = 8, 6
+    gen = torch.Generator().manual_seed(0)
+    stats = PoolStats(lengths=torch.full((b,), 20), response_lengths=torch.full((b,), 10),
+                      ppl=torch.linspace(2, 50, b), ent=torch.linspace(5, 1, b))
+    for name, rule in SAMPLE_RULES.items():
+        ratio = 1.0 if name == "all" else 0.5
+        cfg = PruningConfig(sample=name, token="random", sample_ratio=ratio)
+        assert cfg.needs_scores == rule.needs_scores and rule.doc.rstrip(".") in PruningConfig.model_fields["sample"].description
+        sel = rule.fn(stats, ratio, cfg, gen)
+        assert sel.keep.shape == (b,) and int(sel.keep.sum()) >= (keep_count(b, ratio) if name != "infobatch" else 1), name
+    nll, mask = torch.rand(b, t) * 5, torch.ones(b, t)
+    for name, rule in TOKEN_RULES.items():
+        cfg = PruningConfig(sample="random", token=name, token_ratio=1.0 if name == "all" else 0.5)
+        assert cfg.needs_scores == rule.needs_scores and rule.doc.rstrip(".") in PruningConfig.model_fields["token"].description
+        if rule.fn is not None:
+            assert rule.fn(nll, mask, cfg, gen).shape == (b, t), name
+    for field, table in (("sample", SAMPLE_RULES), ("token", TOKEN_RULES)):
+        with pytest.raises(ValidationError) as err:
+            PruningConfig(**{field: "no_such_rule"})
+        assert all(repr(n) in str(err.value) for n in table), str(err.value)
 
 
 def test_a_new_rule_is_one_function():
