@@ -721,18 +721,26 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     Local files count by the sha256 of their content (`file_sha256`: a 40 MB preset takes ~0.1 s, once per
     process), so a cache keyed on it notices an edited file at any path; hub data sets contribute their
     ``_fingerprint``.
+
+    No absolute path of this machine enters it: a local source and the held-out file count by content (not by
+    where they lie), a local tokenizer by its folder's name, its vocabulary and its template, so a data set on a
+    shared folder mounted at another path on another machine has the same fingerprint.
     """
+    src = resolve_source(cfg.source)
+    located = {"source": "local" if isinstance(src, Path) else cfg.source,
+               "eval_source": None if cfg.eval_source is None else "local"}
+    name = tokenizer.name_or_path
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps(cfg.model_dump(mode="json") | located, sort_keys=True).encode())
     h.update(
         json.dumps(
-            {"tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer), "chat_template": tokenizer.chat_template},
+            {"tokenizer": Path(name).name if Path(name).expanduser().exists() else name, "vocab": len(tokenizer),
+             "chat_template": tokenizer.chat_template},
             sort_keys=True,
         ).encode()
     )
     if cfg.eval_source is not None:  # the held-out file, by content
         h.update(file_sha256(Path(cfg.eval_source).expanduser()).encode())
-    src = resolve_source(cfg.source)
     if isinstance(src, str):
         h.update(datasets.load_dataset(src, split=cfg.split)._fingerprint.encode())
     else:

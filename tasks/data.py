@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from qtuning.config import BUNDLED_MODEL, DATA_PRESETS, DataConfig, EvalConfig, ModelConfig, PipelineConfig, is_template_text
 from qtuning.evaluation import TASK_PREFIX
-from tasks.stage import runs_root, stage
+from tasks.stage import stage
 from tasks.records import DataRecord
 from tasks.tracking import RunRef, log_dataset, log_metrics, log_params
 
@@ -52,7 +52,7 @@ def data_fingerprint(data: DataConfig, model: ModelConfig) -> str:
 
 
 def _ingredients(data: DataConfig, model: ModelConfig, pipeline: PipelineConfig) -> dict:
-    return {"data": data_fingerprint(data, model), "runs": str(runs_root(pipeline.runs_dir))}
+    return {"data": data_fingerprint(data, model)}
 
 
 @stage("prepare_data", folder="data", ingredients=_ingredients, packages=("transformers", "tokenizers", "datasets"))

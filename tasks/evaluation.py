@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from qtuning.config import EvalConfig, ModelConfig, PipelineConfig
 from qtuning.data import file_sha256
 from qtuning.evaluation import TASK_PREFIX, TASKS_DIR
-from tasks.stage import model_fingerprint, path_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, path_fingerprint, stage
 from tasks.records import EvalRecord
 from tasks.tracking import RunRef, log_artifact, log_dataset, log_metrics, log_params
 
@@ -24,8 +24,9 @@ def _model_identity(model: str) -> str:
 
 
 def _ingredients(model: str, evaluation: EvalConfig, pipeline: PipelineConfig) -> dict:
-    task_files = {t: file_sha256(t) for t in evaluation.tasks if t.endswith((".yaml", ".yml")) and Path(t).is_file()}
-    return {"model": _model_identity(model), "eval": evaluation, "task_files": task_files, "runs": str(runs_root(pipeline.runs_dir))}
+    # a task file counts by its content, not by where it lies
+    tasks = [f"file:{file_sha256(t)}" if t.endswith((".yaml", ".yml")) and Path(t).is_file() else t for t in evaluation.tasks]
+    return {"model": _model_identity(model), "eval": evaluation.model_copy(update={"tasks": tasks})}
 
 
 @stage("evaluate", folder="eval", ingredients=_ingredients, packages=("lm_eval", "torch", "transformers"))

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ExperimentConfig, PipelineConfig
-from tasks.stage import model_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, recipe, runs_root, stage
 from tasks.records import DataRecord, PlanRecord, ScoresRecord
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params
 
@@ -19,7 +19,7 @@ from tasks.tracking import RunRef, log_artifact, log_metrics, log_params
 def _ingredients(config: ExperimentConfig, mode: str, data: DataRecord, scores: ScoresRecord, pipeline: PipelineConfig,
                  static_batch: str = "scaled") -> dict:
     return {
-        "config": config.model_copy(update={"training": config.training.model_copy(update={"output_dir": ""})}),
+        "config": recipe(config, keep_name=True),
         "mode": mode,
         "static_batch": static_batch if mode == "static" else None,
         "data": data.fingerprint,
@@ -27,7 +27,6 @@ def _ingredients(config: ExperimentConfig, mode: str, data: DataRecord, scores: 
         "model": model_fingerprint(config.model),
         "token_view_samples": pipeline.token_view_samples,
         "world": pipeline.num_processes,
-        "runs": str(runs_root(pipeline.runs_dir)),
     }
 
 

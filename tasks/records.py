@@ -18,6 +18,7 @@ class Record(BaseModel):
 
     key: str = Field(description="The cache key the record was computed under (names its output folder).")
     produced_in: str | None = Field(None, description="Prefect flow run id that computed it.")
+    root: str | None = Field(None, description="The runs folder its paths were written under (stage.relocated).")
 
 
 class DataRecord(Record):

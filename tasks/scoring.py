@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from qtuning.config import ModelConfig, PipelineConfig
-from tasks.stage import model_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, stage
 from tasks.records import DataRecord, ScoresRecord
 from tasks.tracking import RunRef, log_metrics, tmp_artifact
 
@@ -22,7 +22,6 @@ def _ingredients(data: DataRecord, model: ModelConfig, pipeline: PipelineConfig,
         "seed": seed if model.random_init else None,  # only random weights depend on the seed
         "entropy_scope": entropy_scope,
         "batch_size": pipeline.score_batch_size,
-        "runs": str(runs_root(pipeline.runs_dir)),
     }
 
 

@@ -11,6 +11,9 @@ A stage is a Prefect task declared with `@stage(...)`:
   the stage's own module source, the source of the whole `qtuning` package (every .py and .yaml file: a helper
   moved to another module cannot be missed) and the versions of the packages that matter. Prefect's default
   policy would key on the flow run and `TASK_SOURCE` sees only the task's lines, so neither is used.
+- **Portable**: no absolute path of the machine is in a key (`portable`: paths under the runs folder or the
+  home count relative to it; data, models and templates by content), and a record read back under another mount
+  of the runs folder is `relocated` to it: a shared folder mounted at two paths hits the same cache.
 - **Folder**: `runs/<folder>/<key[:16]>`, or a function of the inputs (training keeps one resumable folder).
 - **Manifest**: `manifest.json`, written last, lists every file with its size and sha256. A folder without one
   is incomplete (the process died while writing it) and is rebuilt from scratch.
@@ -52,7 +55,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 import qtuning
-from qtuning.config import BUNDLED_MODEL, ModelConfig
+from qtuning.config import BUNDLED_MODEL, ExperimentConfig, ModelConfig, is_template_text
 from qtuning.data import file_sha256
 
 MANIFEST = "manifest.json"
@@ -95,18 +98,24 @@ def path_fingerprint(path: str | Path) -> str:
 
 
 def model_fingerprint(model: ModelConfig) -> str:
-    """Which weights (and architecture) a ModelConfig loads, without loading them."""
+    """Which weights (and architecture) a ModelConfig loads, without loading them. A local folder counts by its
+    content and its name, not by where it lies; a chat template file by its content."""
+    config = model
     if model.name == BUNDLED_MODEL:
         from qtuning.assets import model_dir
 
         where = dir_fingerprint(model_dir(model.name))
     elif Path(model.name).expanduser().exists():
         where = dir_fingerprint(Path(model.name).expanduser())
+        config = config.model_copy(update={"name": Path(model.name).name})
     else:
         where = f"hub:{model.name}"
+    template = model.chat_template
+    if template and not is_template_text(template) and Path(template).expanduser().is_file():
+        config = config.model_copy(update={"chat_template": "file:" + file_sha256(Path(template).expanduser())})
     if model.random_init:  # weights come from the seed; only the architecture and tokenizer files matter
         where = "random:" + where
-    return digest({"config": model, "weights": where})
+    return digest({"config": config, "weights": where})
 
 
 def library_fingerprint(root: str | Path | None = None, packages: tuple[str, ...] = ()) -> str:
@@ -125,8 +134,57 @@ def library_fingerprint(root: str | Path | None = None, packages: tuple[str, ...
 
 
 def runs_root(runs_dir: str) -> Path:
-    """The pipeline's output folder, absolute (so cache keys and records do not depend on the caller's cwd)."""
+    """The pipeline's output folder, absolute (so records do not depend on the caller's cwd)."""
     return Path(os.path.abspath(Path(runs_dir).expanduser()))
+
+
+# --------------------------------------------------------------------------- caches that travel
+def portable(obj: Any, root: Path | None) -> Any:
+    """`obj` (JSON-able) as a cache key may hold it: every absolute path under the runs folder `root` or the
+    user's home written relative to it (`<runs>/...`, `~/...`). A shared runs folder mounted at /mnt/a on one
+    machine and /shared/b on another, or two users' homes, give the same key; a path elsewhere stays as it is."""
+    if isinstance(obj, dict):
+        return {portable(k, root): portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/"):
+        for base, name in ((root, "<runs>"), (Path.home(), "~")):
+            if base is not None and (obj == str(base) or obj.startswith(str(base).rstrip("/") + "/")):
+                return name + obj[len(str(base).rstrip("/")):]
+    return obj
+
+
+def recipe(config: ExperimentConfig, keep_name: bool = False) -> ExperimentConfig:
+    """`config` as a key holds it: what the other ingredients already count by content (the data source and
+    held-out file: the data fingerprint; the model folder and template: `model_fingerprint`; the accelerate file:
+    its hash) and what is cosmetic (the output folder; the run name unless `keep_name`) are left out, and with
+    them every path of this machine."""
+    data = config.data.model_copy(update={"source": "", "eval_source": None})
+    model = config.model.model_copy(update={"name": "", "chat_template": None})
+    training = config.training.model_copy(update={"output_dir": "", "accelerate_config": None})
+    return config.model_copy(update={"name": config.name if keep_name else "", "data": data, "model": model,
+                                     "training": training})
+
+
+def relocated(record: Any, root: Path) -> Any:
+    """`record` with every path under the runs folder it was written in (its `root`) moved under `root`: a record
+    another machine wrote into a shared folder (read back from the folder or from shared result storage) points
+    at this machine's mount of it. Records without a `root` are returned as they are."""
+    old = getattr(record, "root", None)
+    if not old or old == str(root) or not isinstance(record, BaseModel):
+        return record
+    prefix = old.rstrip("/") + "/"
+
+    def move(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        if isinstance(v, str) and (v == old or v.startswith(prefix)):
+            return str(root) + v[len(old.rstrip("/")):]
+        return v
+
+    return type(record).model_validate(move(record.model_dump(mode="json")) | {"root": str(root)})
 
 
 # --------------------------------------------------------------------------- manifests
@@ -219,11 +277,17 @@ class Stage:
     def key(self, inputs: dict[str, Any]) -> str:
         return digest({
             "stage": self.name,
-            "ingredients": self.ingredients(**inputs),
+            "ingredients": portable(_jsonable(self.ingredients(**inputs)), self.root(inputs)),
             "task_source": _module_source(self.module),
             "stage_source": _module_source(__name__),
             "library": _installed_library_fingerprint(self.packages),
         })
+
+    @staticmethod
+    def root(inputs: dict[str, Any]) -> Path | None:
+        """The runs folder of the call (every stage takes the pipeline config)."""
+        pipeline = inputs.get("pipeline")
+        return runs_root(pipeline.runs_dir) if pipeline is not None else None
 
     def out_dir(self, inputs: dict[str, Any], key: str) -> Path:
         if callable(self.folder):
@@ -282,13 +346,18 @@ class StageTask:
         return key, self.stage.out_dir(inputs, key)
 
     def __call__(self, *args, **kwargs):
-        key, out = self.locate(*args, **kwargs)
+        inputs = self.inputs(args, kwargs)
+        key = self.stage.key(inputs)
+        out = self.stage.out_dir(inputs, key)
         problem = check_manifest(out)
         if problem is None:
-            return self.task(*args, **kwargs)  # a cache hit if Prefect has the record, else it runs
-        if out.exists():
-            get_run_logger().warning(f"{self.stage.name}: the cached output cannot be trusted, rebuilding: {problem}")
-        return self.task.with_options(refresh_cache=True)(*args, **kwargs)
+            record = self.task(*args, **kwargs)  # a cache hit if Prefect has the record, else it runs
+        else:
+            if out.exists():
+                get_run_logger().warning(f"{self.stage.name}: the cached output cannot be trusted, rebuilding: {problem}")
+            record = self.task.with_options(refresh_cache=True)(*args, **kwargs)
+        root = self.stage.root(inputs)
+        return relocated(record, root) if root is not None else record  # a record written under another mount
 
     def with_options(self, **options) -> StageTask:
         return StageTask(self.task.with_options(**options), self.stage, self.signature)
@@ -318,15 +387,18 @@ def stage(
             inputs = dict(bound.arguments)
             key = spec.key(inputs)
             out = spec.out_dir(inputs, key)
+            root = spec.root(inputs)
             with build_lock(out, name, key):
                 if check_manifest(out) is None and (done := read_record(out)) is not None:
-                    _logger().info(f"{name}: {out} was completed by another run meanwhile; reusing it")
-                    return done
+                    _logger().info(f"{name}: {out} was completed by another run (or machine); reusing it")
+                    return relocated(done, root) if root is not None else done
                 (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is being rewritten
                 if not resumable:
                     shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True, exist_ok=True)
                 record = body(*args, **kwargs, out=out, key=key)
+                if root is not None and isinstance(record, BaseModel) and "root" in type(record).model_fields:
+                    record = record.model_copy(update={"root": str(root)})  # what its paths are relative to
                 write_record(out, record)
                 write_manifest(out, exclude)
                 return record

@@ -37,7 +37,7 @@ from qtuning.config import ExperimentConfig, PipelineConfig
 from qtuning.data import file_sha256
 from tasks.processes import LAUNCHER, stop_processes
 from tasks.records import DataRecord, TrainRecord
-from tasks.stage import model_fingerprint, runs_root, stage
+from tasks.stage import model_fingerprint, recipe, runs_root, stage
 from tasks.tracking import RunRef, log_artifact, log_metrics, log_params, metric_steps, set_tags, system_metrics
 
 _PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar line
@@ -48,13 +48,12 @@ def _ingredients(config: ExperimentConfig, data: DataRecord, run: RunRef | None,
     acc_cfg = config.training.accelerate_config
     return {
         # the run's name and folder are cosmetic: equal recipes share one training (a sweep's baseline, a rerun)
-        "config": config.model_copy(update={"name": "", "training": config.training.model_copy(update={"output_dir": ""})}),
+        "config": recipe(config),
         "data": data.fingerprint,
         "model": model_fingerprint(config.model),
         "world": pipeline.num_processes,
         "launcher": pipeline.launcher,
         "accelerate_config": file_sha256(acc_cfg) if acc_cfg else None,
-        "runs": str(runs_root(pipeline.runs_dir)),
     }
 
 

@@ -361,6 +361,49 @@ def test_an_equal_recipe_under_another_name_reuses_the_training_folder(tmp_path)
     assert training.output_dir(renamed, data, None, pipe, key=key) == training.output_dir(cfg, data, None, pipe, key=key)
 
 
+def test_a_runs_folder_mounted_at_another_path_hits_every_cache(tmp_path):
+    """One shared runs folder, seen by two machines at two paths (here: the folder and a symlink to it, which
+    runs_root does not resolve): the second sees the same keys, reuses every stage's folder without rebuilding it,
+    and gets records whose paths point at its own mount. No key holds a path of either machine."""
+    from tasks.pruning import prune
+    from tasks.scoring import score_eu
+
+    cfg = _experiment(tmp_path)
+    (tmp_path / "share").mkdir()
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "mnt" / "runs").symlink_to(tmp_path / "share" / "runs", target_is_directory=True)
+    a = PipelineConfig(runs_dir=str(tmp_path / "share" / "runs"), progress=False, token_view_samples=2)
+    b = a.model_copy(update={"runs_dir": str(tmp_path / "mnt" / "runs")})
+    with disable_run_logger():
+        data = data_tasks.prepare_data.fn(cfg.data, cfg.model, a)
+        scores = score_eu.fn(data, cfg.model, a, "response", 0)
+        plan = prune.fn(cfg, "static", data, scores, a)
+    calls = {
+        data_tasks.prepare_data: lambda p, d=None, s=None: (cfg.data, cfg.model, p),
+        score_eu: lambda p, d, s=None: (d, cfg.model, p, "response", 0),
+        prune: lambda p, d, s: (cfg, "static", d, s, p),
+    }
+    for stage_task, args in calls.items():
+        inputs = stage_task.inputs(args(a, data, scores), {})
+        held = json.dumps(stage.portable(stage._jsonable(stage_task.stage.ingredients(**inputs)), stage.Stage.root(inputs)))
+        assert str(tmp_path) not in held and os.path.expanduser("~") + "/" not in held, f"{stage_task.name}: {held}"
+        assert stage_task.locate(*args(a, data, scores))[0] == stage_task.locate(*args(b, data, scores))[0], stage_task.name
+
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "share" / "runs").rglob("manifest.json")}
+    with disable_run_logger():
+        data_b = data_tasks.prepare_data.fn(cfg.data, cfg.model, b)
+        scores_b = score_eu.fn(data_b, cfg.model, b, "response", 0)
+        plan_b = prune.fn(cfg, "static", data_b, scores_b, b)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "share" / "runs").rglob("manifest.json")} == written  # nothing rebuilt
+    for before, after in ((data, data_b), (scores, scores_b), (plan, plan_b)):
+        assert after.key == before.key and after.root == b.runs_dir and before.root == a.runs_dir
+    assert data_b.path == data.path.replace(a.runs_dir, b.runs_dir) and Path(data_b.path, "dataset_info.json").is_file()
+    assert plan_b.static_ids_path.startswith(b.runs_dir + "/") and plan_b.experiment.data.subset == plan_b.static_ids_path
+    assert Path(plan_b.static_ids_path).read_text() == Path(plan.static_ids_path).read_text()
+    # a record from shared result storage (written under the other mount) is moved the same way
+    assert stage.relocated(plan, Path(b.runs_dir)) == plan_b.model_copy(update={"produced_in": plan.produced_in})
+
+
 def test_the_run_summary_line_shows_a_tracking_uri_without_its_credentials():
     from tasks.tracking import without_credentials
 
