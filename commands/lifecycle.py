@@ -56,8 +56,9 @@ def guard_command(pid: int, uri: str) -> list[str]:
     return [sys.executable, *safe, "-m", "commands.guard", str(pid), uri]
 
 
-def guard_run(tracking_uri: str | None, prog: str) -> None:
-    """Close orphaned runs, start the guard process and install the SIGINT/SIGTERM handlers (module docstring)."""
+def guard_run(tracking_uri: str | None, prog: str) -> str:
+    """Close orphaned runs, start the guard process and install the SIGINT/SIGTERM handlers (module docstring).
+    Returns the tracking URI without credentials (they are in this process's environment now)."""
     from tasks.tracking import close_orphan_runs, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -101,6 +102,7 @@ def guard_run(tracking_uri: str | None, prog: str) -> None:
 
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)  # Prefect's own SIGTERM bridge re-sends the signal here when done
+    return uri
 
 
 def stop_children(pid: int | None = None, grace_s: float = 5.0, procs=None) -> None:

@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.flow_runs import owned_by_this_process
     from tasks.tracking import without_credentials
 
-    guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
+    uri = guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
+    if cfg.pipeline.tracking_uri:  # a password in it is in the environment now: no flow parameter carries it
+        cfg = with_overrides(cfg, {"pipeline.tracking_uri": uri})
     start = time.perf_counter()
     print(f"qtuning run: {cfg.name}: {', '.join(a.name for a in cfg.arms)} on {cfg.model.name}, "
           f"{cfg.data.limit or 'all'} rows of {cfg.data.source}, eval limit {cfg.evaluation.limit}", flush=True)

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.sweep import sweep
     from tasks.flow_runs import owned_by_this_process
 
-    guard_run(cfg.pipeline.tracking_uri, "qtuning sweep")
+    uri = guard_run(cfg.pipeline.tracking_uri, "qtuning sweep")
+    if cfg.pipeline.tracking_uri:  # a password in it is in the environment now: no flow parameter carries it
+        cfg = with_overrides(cfg, {"pipeline.tracking_uri": uri})
 
     start = time.perf_counter()
     with owned_by_this_process():  # an interrupted run's flow runs are closed by the next (tasks/flow_runs)

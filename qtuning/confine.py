@@ -1,4 +1,5 @@
-"""Parameters from outside confined to what the operator allows: every path a config names under allowed roots.
+"""Parameters from outside confined to what the operator allows: every path a config names under allowed roots,
+and no password in a parameter.
 
 A deployment parameter sent through a reachable Prefect API is as good as a shell if it is trusted: a task YAML
 anywhere makes lm-eval import the Python module beside it, a chat template naming any file reads that file into
@@ -87,10 +88,33 @@ def confinement_problems(configs: dict[str, BaseModel], roots: list[Path] | None
     return problems
 
 
+def credential_problems(configs: dict[str, BaseModel]) -> list[str]:
+    """One message per tracking URI of `configs` that carries a password. A flow's parameters are stored by
+    Prefect's server (and shown in its UI) before the flow can do anything about them: credentials belong in the
+    environment of the machines that run flows. `qtuning run` and `qtuning sweep` move a URI's password there
+    before they call a flow, so only a parameter sent through the API can carry one."""
+    from urllib.parse import urlsplit
+
+    problems = []
+    for prefix, cfg in configs.items():
+        pipeline = cfg if type(cfg).__name__ == "PipelineConfig" else getattr(cfg, "pipeline", None)
+        uri = getattr(pipeline, "tracking_uri", None)
+        if uri and urlsplit(uri).password is not None:
+            where = prefix if pipeline is cfg else f"{prefix}.pipeline"
+            problems.append(f"{where}.tracking_uri carries a password, which Prefect stores with the run's parameters; "
+                            "send the URI without it and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (an "
+                            "MLflow server) or PGPASSWORD (PostgreSQL) in the environment of the machines that run flows")
+    return problems
+
+
 def check_confined(**configs: BaseModel | None) -> None:
-    """Refuse, all at once and before any work, the paths of `configs` outside $QTUNING_ALLOWED_ROOTS."""
+    """Refuse, all at once and before any work, the paths of `configs` outside $QTUNING_ALLOWED_ROOTS and a
+    tracking URI with a password in it."""
+    given = {k: v for k, v in configs.items() if v is not None}
+    if secrets := credential_problems(given):
+        raise ConfigError("; ".join(secrets))
     roots = allowed_roots()
-    problems = confinement_problems({k: v for k, v in configs.items() if v is not None}, roots)
+    problems = confinement_problems(given, roots)
     if problems:
         where = os.pathsep.join(str(r) for r in roots or [])
         raise ConfigError(

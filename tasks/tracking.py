@@ -12,7 +12,7 @@ the host, pid and start time of the process that opened it: runs that process le
 (kill -9, a crash) are found by `close_orphan_runs` and ended KILLED; `close_open_runs` ends the runs a
 process still has open when it is interrupted.
 
-    python -m tasks.tracking [mlflow ui options]    # open the UI on that store (mlflow/ui.sh does the same)
+`qtuning ui` (commands/ui.py; mlflow/ui.sh runs it too) opens the UI on that store.
 """
 
 from __future__ import annotations
@@ -432,18 +432,3 @@ def tmp_artifact(ref: RunRef, name: str, writer) -> None:
         path = Path(d) / Path(name).name
         writer(path)
         ref.client.log_artifact(ref.run_id, str(path), str(Path(name).parent) if Path(name).parent != Path(".") else None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Start `mlflow ui` on the resolved store; extra arguments go to `mlflow ui`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    uri = resolve_tracking_uri()
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
-    cmd = [exe, "ui", "--backend-store-uri", uri, *argv]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    os.execvp(cmd[0], cmd)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

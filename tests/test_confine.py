@@ -76,3 +76,19 @@ def test_a_flow_refuses_its_parameters_before_any_work(roots):
     _, outside = roots
     with pytest.raises(ConfigError, match="evaluation.tasks"):
         experiment.fn(ExperimentConfig(), EvalConfig(tasks=[str(outside / "x.yaml")]), PipelineConfig())
+
+
+def test_a_password_in_a_tracking_uri_parameter_is_refused_with_where_it_belongs(monkeypatch):
+    """Prefect stores a flow's parameters (and its UI shows them): a tracking URI with a password sent through the
+    API is refused, confined or not; `qtuning run` moves the password to the environment before it calls a flow."""
+    from qtuning.config import CompareConfig
+
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    for uri in ("http://admin:s3cret@mlflow.example:5000", "postgresql://mlflow:s3cret@db/mlflow"):
+        with pytest.raises(ConfigError) as err:
+            check_confined(config=CompareConfig(pipeline=PipelineConfig(tracking_uri=uri)))
+        assert "config.pipeline.tracking_uri carries a password" in str(err.value) and "s3cret" not in str(err.value)
+        assert "MLFLOW_TRACKING_PASSWORD" in str(err.value) and "PGPASSWORD" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^pipeline.tracking_uri carries a password"):
+        check_confined(pipeline=PipelineConfig(tracking_uri="https://u:p@h/"))
+    check_confined(pipeline=PipelineConfig(tracking_uri="postgresql://mlflow@db/mlflow"))  # a user alone is no secret

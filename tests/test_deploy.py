@@ -100,6 +100,27 @@ def test_ui_command_uses_the_pipelines_store(monkeypatch, tmp_path, capsys):
     assert f"--default-artifact-root {(tmp_path / 'artifacts').as_uri()} --allowed-hosts box:5123" in cmd
 
 
+def test_ui_beyond_loopback_needs_authentication_and_keeps_secrets_off_the_command_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    assert ui_main(["--host", "0.0.0.0", "--print-command"]) == 2
+    assert "add --auth (with MLFLOW_AUTH_ADMIN_PASSWORD set), or --no-auth" in capsys.readouterr().err
+    assert ui_main(["--host", "0.0.0.0", "--no-auth", "--print-command"]) == 0  # an authenticating proxy in front
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "planted-secret")
+    monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY", raising=False)
+    assert ui_main(["--host", "0.0.0.0", "--auth", "--port", "5124", "--print-command"]) == 0
+    cmd = capsys.readouterr().out.splitlines()[0]
+    assert "--app-name basic-auth" in cmd and "planted-secret" not in cmd
+    from commands.ui import auth_environment
+
+    env = auth_environment(f"sqlite:///{tmp_path}/m.db", None, tmp_path)
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    assert f"database_uri = sqlite:///{tmp_path}/m.db" in ini and "planted-secret" not in ini
+    assert len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == 64
+    assert ui_main(["--auth", "--tracking-uri", str(tmp_path / "plain-folder"), "--print-command"]) == 2
+    assert "pass --auth-db URI" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- a real server and a scheduled run
 def test_a_scheduled_run_is_created_and_completes(prefect_server, background, config_file, tmp_path):
     from prefect.client.orchestration import get_client

@@ -1,5 +1,7 @@
-"""A team's tracking on real servers, on loopback: MLflow's tracking server (`qtuning ui`) on a PostgreSQL backend
-store with proxied artifacts, Prefect's server on PostgreSQL, and a comparison that knows them only by their URLs.
+"""A team's tracking on real servers, on loopback: MLflow's tracking server (`qtuning ui --auth`) on a PostgreSQL
+backend store with proxied artifacts, Prefect's server on PostgreSQL, both asking every client for a password, and
+a comparison that knows them only by their URLs and the credentials in its environment; then every place the
+run writes, logs or stores is searched for the two passwords.
 
 Needs PostgreSQL at $QTUNING_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432, trust authentication):
 every machine of this project runs one. The module creates its own databases and drops them at the end;
@@ -19,6 +21,9 @@ import pytest
 from conftest import free_port, wait_for_url
 
 POSTGRES = os.environ.get("QTUNING_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+# planted secrets: the MLflow admin's password and Prefect's auth string; neither may appear anywhere but in env
+MLFLOW_PASSWORD = "mlflow-" + secrets.token_hex(8)
+PREFECT_AUTH = "admin:prefect-" + secrets.token_hex(8)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
@@ -47,23 +52,28 @@ def databases():
 
 @pytest.fixture(scope="module")
 def mlflow_server(databases, background, tmp_path_factory) -> dict:
-    """`qtuning ui` on the PostgreSQL store, serving artifacts from a folder of its own (proxied: clients upload
-    and download through the server and need no access to that folder)."""
+    """`qtuning ui --auth` on the PostgreSQL store (users in the same database, tables of their own), serving
+    artifacts from a folder of its own (proxied: clients upload and download through the server and need no
+    access to that folder). The admin's password reaches the server by environment only."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    proc = background([sys.executable, "-m", "commands.ui", "--port", str(port), "--tracking-uri", databases["mlflow"],
-                       "--", "--artifacts-destination", str(root / "artifacts")], root / "server.log")
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD, "TMPDIR": str(root)}  # its auth config there
+    proc = background([sys.executable, "-m", "commands.ui", "--auth", "--port", str(port), "--tracking-uri",
+                       databases["mlflow"], "--", "--artifacts-destination", str(root / "artifacts")],
+                      root / "server.log", env)
     url = f"http://127.0.0.1:{port}"
     wait_for_url(f"{url}/health", proc, timeout=120, log=root / "server.log")
-    return {"url": url, "artifacts": root / "artifacts"}
+    return {"url": url, "artifacts": root / "artifacts", "root": root}
 
 
 @pytest.fixture(scope="module")
 def prefect_on_postgres(databases, background, tmp_path_factory) -> str:
-    """`prefect server start` with its database on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL): its API URL."""
+    """`prefect server start` with its database on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL) and Prefect's
+    basic authentication (PREFECT_SERVER_API_AUTH_STRING): its API URL."""
     home = tmp_path_factory.mktemp("prefect_pg_server")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
            "PREFECT_API_DATABASE_CONNECTION_URL": databases["prefect"].replace("postgresql://", "postgresql+asyncpg://", 1)}
     env.pop("PREFECT_API_URL", None)
     prefect = str(Path(sys.executable).with_name("prefect"))
@@ -74,9 +84,11 @@ def prefect_on_postgres(databases, background, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def compared(mlflow_server, prefect_on_postgres, tiny_compare_config, tmp_path_factory):
-    """`qtuning run` of the tiny comparison (one benchmark) on a machine that knows the servers only by
-    MLFLOW_TRACKING_URI and PREFECT_API_URL (a process of its own: a test process's Prefect clients may already
-    be bound to another server): (its table as JSON, config)."""
+    """`qtuning run` of the tiny comparison (one benchmark) on a machine that knows the servers only by their
+    URLs and its credentials: the MLflow user and password inside --tracking-uri (as users paste them; the run
+    moves them to MLFLOW_TRACKING_USERNAME/PASSWORD), Prefect's auth string in PREFECT_API_AUTH_STRING (a process
+    of its own: a test process's Prefect clients may already be bound to another server): (its table as JSON,
+    config, its folder, what it printed)."""
     import json
     import subprocess
 
@@ -86,21 +98,41 @@ def compared(mlflow_server, prefect_on_postgres, tiny_compare_config, tmp_path_f
     cfg = tiny_compare_config(root, name="team")
     cfg = with_overrides(cfg, {"pipeline.tracking_uri": None, "evaluation.tasks": ["qt_arc_easy"]})
     path = cfg.save(root / "team.yaml")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server["url"], "PREFECT_API_URL": prefect_on_postgres,
+    env = {**os.environ, "PREFECT_API_URL": prefect_on_postgres, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
            "PREFECT_HOME": str(root / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with_password = mlflow_server["url"].replace("http://", f"http://admin:{MLFLOW_PASSWORD}@", 1)
     res = subprocess.run([sys.executable, "-m", "commands.cli", "run", "--config", str(path), "--no-progress",
-                          "--json", str(root / "table.json")], env=env, cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=500)
+                          "--tracking-uri", with_password, "--json", str(root / "table.json")], env=env,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Starting temporary server" not in res.stdout + res.stderr  # the team's server, not one of its own
-    return json.loads((root / "table.json").read_text()), cfg
+    return json.loads((root / "table.json").read_text()), cfg, root, res.stdout + res.stderr
 
 
-def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlflow_server, databases, tmp_path):
+@pytest.fixture
+def mlflow_login(monkeypatch):
+    """This test process as an MLflow client of the authenticating server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+
+
+def test_both_servers_refuse_a_client_without_credentials(mlflow_server, prefect_on_postgres):
+    import urllib.error
+    import urllib.request
+
+    for url in (f"{mlflow_server['url']}/api/2.0/mlflow/experiments/search?max_results=1",
+                f"{prefect_on_postgres}/flows/filter"):
+        data = b"{}" if url.endswith("/filter") else None  # Prefect's filter is a POST, MLflow's search a GET
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}), timeout=10)
+        assert err.value.code == 401, url
+
+
+def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlflow_server, databases, tmp_path, mlflow_login):
     import psycopg2
     from mlflow import MlflowClient
 
-    table, cfg = compared
+    table, cfg, *_ = compared
     client = MlflowClient(mlflow_server["url"])
     parent = client.get_run(table["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.artifact_uri.startswith("mlflow-artifacts:/")
@@ -121,7 +153,7 @@ def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlf
 def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databases, prefect_on_postgres):
     import psycopg2
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     def query(sql: str, *args) -> list[tuple]:
         with psycopg2.connect(databases["prefect"]) as conn, conn.cursor() as cur:
@@ -130,7 +162,8 @@ def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databas
 
     ((flow_run_id, state),) = query("SELECT id, state_type FROM flow_run WHERE name = 'compare-team'")
     assert state == "COMPLETED"
-    with temporary_settings(updates={PREFECT_API_URL: prefect_on_postgres}), get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: prefect_on_postgres, PREFECT_API_AUTH_STRING: PREFECT_AUTH}), \
+            get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run_id).state.is_completed()  # and the API serves it from there
     # the arms' subflows ran their tasks against this database too; task runs reach it as events, which the
     # server writes in the background: wait for them (a state), not for a time
@@ -140,3 +173,31 @@ def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databas
     while query(subflow_tasks)[0][0] == 0:
         assert time.monotonic() < deadline, "no task run of the arms' subflows in Prefect's database within 60 s"
         time.sleep(0.5)
+
+
+def test_no_password_is_written_printed_or_stored_anywhere(compared, mlflow_server, prefect_on_postgres, databases,
+                                                          tmp_path_factory):
+    """The two planted secrets appear nowhere the run leaves a trace: what it printed, every file under its folder
+    (runs, records, configs, Prefect's local results and logs), the artifacts the MLflow server stored, the
+    servers' logs, and every row of both PostgreSQL databases (params, tags, the config artifact's record, flow
+    run parameters, logs, artifacts, events)."""
+    import psycopg2
+
+    _, _, root, printed = compared
+    planted = (MLFLOW_PASSWORD, PREFECT_AUTH.split(":", 1)[1])
+    found = [f"output of qtuning run: {s}" for s in planted if s in printed]
+    prefect_server_homes = list(tmp_path_factory.getbasetemp().glob("prefect_pg_server*"))
+    assert prefect_server_homes
+    for folder in (root, mlflow_server["root"], *prefect_server_homes):
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            found += [f"{path}: {s}" for s in planted if s.encode() in data]
+    for name, url in databases.items():
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            for (table,) in cur.fetchall():
+                for secret in planted:
+                    cur.execute(f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE %s', (f"%{secret}%",))
+                    if cur.fetchone()[0]:
+                        found.append(f"{name} database, table {table}: {secret}")
+    assert not found, "\n".join(found)
