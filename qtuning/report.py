@@ -7,8 +7,9 @@ else can call them on a scores table or a list of arm results.
   gives on the whole set, points coloured by quadrant; returns the figure and the quadrant shares.
 - `comparison_table(arms)` / `format_table(table)`: per arm the benchmarks (with lm-eval's standard error),
   their average, the ratio of the average to full-data SFT, the tokens that carried loss and the training wall
-  time; with per-item results, each arm's paired-bootstrap difference to full data (`paired_bootstrap`) and
-  plain notes on what the item counts can separate.
+  time; with per-item results, each arm's paired-bootstrap difference to full data with its test
+  (`paired_bootstrap`: exact McNemar on right/wrong items, sign-flip on the average), marked only where it
+  survives Holm's correction across the table (`holm`), and plain notes on what the item counts can separate.
 - `pruned_tokens_html(samples)`: prompt, kept and pruned response tokens of a few samples, readable in a
   browser (and in MLflow's artifact viewer).
 - `sweep_table(rows)` / `format_sweep_table(table)` / `sweep_figure(table)`: a sweep's arms with the mean and
@@ -166,9 +167,11 @@ def paired_bootstrap(
     unweighted mean of the benchmarks, as the table's average.
 
     Returns one row per benchmark, then `average`: diff (the mean paired difference x 100, exact), lo and hi
-    (the percentile interval at `level`), n_items (pairs), outside_noise (the interval excludes 0 and the
-    difference is more than one item's worth: with a single item the bootstrap interval has no width, and
-    one item is never a finding).
+    (the percentile interval at `level`), n_items (pairs), p (the two-sided p-value of "no difference": on a
+    benchmark of right/wrong items the exact McNemar test, a binomial test on the discordant pairs, where the
+    percentile bootstrap is anti-conservative (5 wins to 0 gives an interval above 0 but p = 0.0625); on
+    graded items and on the average a paired sign-flip randomization test), and outside_noise (p < 1 - level;
+    uncorrected: `comparison_table` corrects across the tests of a table).
     """
     cols = ["task", "doc_id", "correct"]
     pairs = pd.merge(_items(arm)[cols], _items(base)[cols], on=["task", "doc_id"], suffixes=("_arm", "_base"))
@@ -176,26 +179,60 @@ def paired_bootstrap(
         raise ValueError("paired_bootstrap: the two arms share no evaluated item (task, doc_id)")
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2 * 100
-    rows, draws = [], []
+    flips = np.random.default_rng([seed, 1])  # the randomization test's own stream: the intervals stay as they were
+    rows, draws, flipped, diffs = [], [], [], []
     for task, g in pairs.groupby("task", sort=False):
-        d = (g["correct_arm"].to_numpy(float) - g["correct_base"].to_numpy(float)) * 100  # (n,) points
+        a, b = g["correct_arm"].to_numpy(float), g["correct_base"].to_numpy(float)
+        d = (a - b) * 100  # (n,) points
         means = d[rng.integers(0, len(d), size=(n_resamples, len(d)))].mean(1)  # (R,)
         draws.append(means)
+        signs = flips.choice([-1.0, 1.0], size=(n_resamples, len(d)))
+        flipped.append((signs * d).mean(1))  # (R,) the benchmark's mean difference with random arm labels
+        diffs.append(d.mean())
+        if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+            p = mcnemar_exact(int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum()))
+        else:
+            p = _randomization_p(d.mean(), flipped[-1])
         rows.append({"benchmark": task, "diff": float(d.mean()), "lo": float(np.percentile(means, tail)),
-                     "hi": float(np.percentile(means, 100 - tail)), "n_items": len(d)})
+                     "hi": float(np.percentile(means, 100 - tail)), "n_items": len(d), "p": p})
     benches = [r["benchmark"] for r in rows]
     avg = np.mean(draws, axis=0)  # (R,) the average over benchmarks of each resample
     rows.append({"benchmark": "average", "diff": float(np.mean([r["diff"] for r in rows])),
                  "lo": float(np.percentile(avg, tail)), "hi": float(np.percentile(avg, 100 - tail)),
-                 "n_items": int(sum(r["n_items"] for r in rows))})
+                 "n_items": int(sum(r["n_items"] for r in rows)),
+                 "p": _randomization_p(float(np.mean(diffs)), np.mean(flipped, axis=0))})
     out = pd.DataFrame(rows).set_index("benchmark")
-    # one item's worth of each row: on a benchmark 100 / n, on the average the largest 100 / (B n_b)
-    one_item = {r["benchmark"]: 100.0 / r["n_items"] for r in rows[:-1]}
-    one_item["average"] = max(v / len(benches) for v in one_item.values())
-    excludes_zero = (out["lo"] > 0) | (out["hi"] < 0)
-    out["outside_noise"] = excludes_zero & (out["diff"].abs() > pd.Series(one_item) + 1e-9)
+    out["outside_noise"] = out["p"] < 1 - level
     order = [b for b in BENCHMARKS if b in benches] + [b for b in benches if b not in BENCHMARKS] + ["average"]
     return out.loc[order]
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs (arm right and base wrong: `wins`; the reverse:
+    `losses`) as a binomial test against 1/2. No discordant pair: 1."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(wins, n, 0.5).pvalue)
+
+
+def _randomization_p(observed: float, null: np.ndarray) -> float:
+    """Two-sided p-value of `observed` against its sign-flip null draws, (1 + as extreme) / (1 + draws): never 0,
+    valid at any number of items."""
+    extreme = np.abs(null) >= abs(observed) - 1e-9
+    return float((1 + extreme.sum()) / (1 + len(null)))
+
+
+def holm(pvalues: Mapping[Any, float]) -> dict[Any, float]:
+    """Holm's step-down adjustment of a family of p-values (controls the chance of any false mark at the level)."""
+    keys = sorted(pvalues, key=lambda k: pvalues[k])
+    m, out, running = len(keys), {}, 0.0
+    for i, k in enumerate(keys):
+        running = max(running, min(1.0, (m - i) * pvalues[k]))
+        out[k] = running
+    return out
 
 
 def _items(samples: Any) -> pd.DataFrame:
@@ -258,14 +295,29 @@ def comparison_table(
             boot = paired_bootstrap(a["samples"], base_samples, n_resamples=n_resamples, seed=seed)
             for b, r in boot.iterrows():
                 prefix = "" if b == "average" else f"{b}_"
-                row.update({f"{prefix}diff": r["diff"], f"{prefix}diff_lo": r["lo"], f"{prefix}diff_hi": r["hi"]})
+                row.update({f"{prefix}diff": r["diff"], f"{prefix}diff_lo": r["lo"], f"{prefix}diff_hi": r["hi"],
+                            f"{prefix}diff_p": r["p"]})
                 if b != "average":
                     row[f"{b}_items"] = int(r["n_items"])
-            row["outside_noise"] = bool(boot.at["average", "outside_noise"])
         rows.append(row)
     table = pd.DataFrame(rows).set_index("arm")
+    if "diff_p" in table.columns:  # one family: every arm's difference on every benchmark and on the average
+        family = {(arm, col): p for col in table.columns if col.endswith("diff_p")
+                  for arm, p in table[col].items() if not math.isnan(p)}
+        adjusted = holm(family)
+        for (arm, col), p in adjusted.items():
+            table.loc[arm, col.replace("diff_p", "diff_p_holm")] = p
+        table["outside_noise"] = table["diff_p_holm"] < 1 - BOOTSTRAP_LEVEL
+        table.loc[table["diff_p_holm"].isna(), "outside_noise"] = False
+        table.attrs["tests"] = len(family)
     table.attrs.update(baseline=baseline, benchmarks=benches, n_resamples=n_resamples)
     return table
+
+
+def marked(table: pd.DataFrame, arm: Any, prefix: str = "") -> bool:
+    """Whether the arm's difference (on benchmark `prefix` or the average) survives Holm's correction."""
+    p = table.at[arm, f"{prefix}diff_p_holm"] if f"{prefix}diff_p_holm" in table.columns else math.nan
+    return not math.isnan(p) and p < 1 - BOOTSTRAP_LEVEL
 
 
 def _signed(v: float) -> str:
@@ -273,12 +325,13 @@ def _signed(v: float) -> str:
 
 
 def _interval(table: pd.DataFrame, arm: Any, prefix: str) -> str:
-    """'+1.25 [-3.00, +5.50]*' (the * when the interval excludes 0), or '' where the arm has none."""
+    """'+1.25 [-3.00, +5.50]*' (the * when the difference's test survives Holm's correction across the table),
+    or '' where the arm has none."""
     d = table.at[arm, f"{prefix}diff"]
     if isinstance(d, float) and math.isnan(d):
         return ""
     lo, hi = table.at[arm, f"{prefix}diff_lo"], table.at[arm, f"{prefix}diff_hi"]
-    return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + ("*" if lo > 0 or hi < 0 else "")
+    return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + ("*" if marked(table, arm, prefix) else "")
 
 
 def budget_notes(table: pd.DataFrame, tolerance: float = 0.005) -> list[str]:
@@ -309,9 +362,12 @@ def noise_notes(table: pd.DataFrame) -> list[str]:
     half_b = max([one_item] + [((pruned[f"{b}_diff_hi"] - pruned[f"{b}_diff_lo"]) / 2).max() for b in benches])
     half_a = max(one_item / max(len(benches), 1), float(((pruned["diff_hi"] - pruned["diff_lo"]) / 2).max()))
     n_res = table.attrs.get("n_resamples", BOOTSTRAP_RESAMPLES)
+    tests = table.attrs.get("tests", 0)
     notes = [
         f"Differences to {base}: paired bootstrap over the same items ({n_res} resamples, {BOOTSTRAP_LEVEL:.0%} "
-        "interval); * marks an interval that excludes 0.",
+        f"interval); * marks a difference whose test (exact McNemar on a benchmark's right/wrong items, a sign-flip "
+        f"test on graded items and on the average) stays under {1 - BOOTSTRAP_LEVEL:.0%} after Holm's correction "
+        f"across the {tests} tests of this table.",
         f"{per} (one item = {one_item:.1f} points): differences under ±{half_b:.1f} points on a benchmark, or "
         f"±{half_a:.1f} on the average, are noise.",
     ]
@@ -330,8 +386,8 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
     table, and `noise_notes` end the text.
     """
     benches = table.attrs.get("benchmarks") or [c for c in table.columns if c in BENCHMARKS]
-    shown = [c for c in table.columns if not c.endswith(("_stderr", "_diff", "_diff_lo", "_diff_hi", "_items"))
-             and c not in ("diff", "diff_lo", "diff_hi", "outside_noise", "budget_share")]
+    shown = [c for c in table.columns if not c.endswith(("_stderr", "_diff", "_diff_lo", "_diff_hi", "_diff_p", "_diff_p_holm", "_items"))
+             and c not in ("diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm", "outside_noise", "budget_share")]
     has_diff = "diff" in table.columns
     cols = list(shown)
     if has_diff:
@@ -424,8 +480,55 @@ def pruned_tokens_html(samples: Sequence[Mapping[str, Any]], title: str = "Prune
 
 
 # --------------------------------------------------------------------------- sweeps: arms over seeds
-def sweep_table(rows: Sequence[Mapping[str, Any]], baseline: str = "full") -> pd.DataFrame:
-    """`rows`: one per (arm, seed) with name, seed, scores (dict), average, loss_tokens, loop_seconds."""
+def seeded_difference(
+    arm: Sequence[Any], base: Sequence[Any], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+    level: float = BOOTSTRAP_LEVEL,
+) -> dict[str, float]:
+    """An arm's difference to the baseline on the average of the benchmarks, in points, with both sources of
+    noise: `arm` and `base` hold one per-item table per training seed (task, doc_id, correct; as in
+    `paired_bootstrap`). Each resample draws the seeds of each side with replacement and every benchmark's
+    items with replacement (the same items for every run: the runs answered the same questions), so the
+    interval widens with the spread between seeds as well as with the item count.
+
+    Returns diff (the mean over seeds of each side, exact), lo, hi (percentile interval), p (two-sided: twice
+    the smaller share of resamples on either side of 0, at least 1 / (resamples + 1)), seeds (the fewer of the
+    two sides') and n_items. With 3 seeds a side, the seed draw has only 10 distinct outcomes: the interval
+    is wider than an item-only one, but still an estimate from few runs."""
+    runs = [_items(x).set_index(["task", "doc_id"])["correct"] for x in (*arm, *base)]
+    common = runs[0].index
+    for r in runs[1:]:
+        common = common.intersection(r.index)
+    if common.empty:
+        raise ValueError("seeded_difference: the runs share no evaluated item (task, doc_id)")
+    common = common.sort_values()
+    matrix = np.stack([r.loc[common].to_numpy(float) for r in runs]) * 100  # (runs, items) points
+    tasks = common.get_level_values("task")
+    k_arm = len(arm)
+    rng = np.random.default_rng(seed)
+    draws, exact = [], []
+    for task in pd.unique(tasks):
+        m = matrix[:, np.asarray(tasks == task)]  # (runs, n)
+        n = m.shape[1]
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples)  # (R, n): the item draw
+        per_run = m @ counts.T / n  # (runs, R): each run's mean on each resample's items
+        pick_a = rng.integers(0, k_arm, size=(n_resamples, k_arm))
+        pick_b = k_arm + rng.integers(0, len(base), size=(n_resamples, len(base)))
+        cols = np.arange(n_resamples)[:, None]
+        draws.append(per_run[pick_a, cols].mean(1) - per_run[pick_b, cols].mean(1))  # (R,)
+        exact.append(m[:k_arm].mean() - m[k_arm:].mean())
+    d = np.mean(draws, axis=0)
+    tail = (1 - level) / 2 * 100
+    p = max(1 / (n_resamples + 1), min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+    return {"diff": float(np.mean(exact)), "lo": float(np.percentile(d, tail)), "hi": float(np.percentile(d, 100 - tail)),
+            "p": float(p), "seeds": min(k_arm, len(base)), "n_items": len(common)}
+
+
+def sweep_table(rows: Sequence[Mapping[str, Any]], baseline: str = "full", n_resamples: int = BOOTSTRAP_RESAMPLES,
+                seed: int = 0) -> pd.DataFrame:
+    """`rows`: one per (arm, seed) with name, seed, scores (dict), average, loss_tokens, loop_seconds, and
+    optionally `samples` (per-item correctness): then each arm's difference to the baseline over seeds and items
+    together (`seeded_difference`: diff, diff_lo, diff_hi, diff_p), and diff_p_holm, corrected across the arms
+    (Holm): a difference is marked only where that stays under 5%."""
     flat = pd.DataFrame(
         [
             {"arm": r["name"], "seed": r["seed"], **dict(r["scores"]), "average": r["average"],
@@ -442,18 +545,41 @@ def sweep_table(rows: Sequence[Mapping[str, Any]], baseline: str = "full") -> pd
     base = table.loc[baseline, "average"] if baseline in table.index else float("nan")
     table["ratio_to_full"] = table["average"] / base if base else float("nan")
     cols = benchmarks + ["average", "average_sd", "ratio_to_full", "loss_tokens", "loop_seconds", "seeds"]
-    return table.loc[order, cols]
+    table = table.loc[order, cols]
+    samples: dict[str, list] = {}
+    for r in rows:
+        if r.get("samples") is not None:
+            samples.setdefault(r["name"], []).append(r["samples"])
+    if baseline in samples:
+        for arm in order:
+            if arm != baseline and arm in samples:
+                d = seeded_difference(samples[arm], samples[baseline], n_resamples=n_resamples, seed=seed)
+                for k in ("diff", "lo", "hi", "p"):
+                    table.loc[arm, "diff" if k == "diff" else f"diff_{k}"] = d[k]
+        if "diff_p" in table.columns:
+            for arm, p in holm(table["diff_p"].dropna().to_dict()).items():
+                table.loc[arm, "diff_p_holm"] = p
+    table.attrs.update(baseline=baseline, n_resamples=n_resamples)
+    return table
 
 
 def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
+    """The sweep's table; with per-item results, a `vs <baseline>` column (the difference over seeds and items,
+    its interval, * where it survives Holm's correction across the arms) and a note on how it was made."""
     several = int(table["seeds"].max()) > 1
-    header = ["arm", *[c for c in table.columns if c not in ("average_sd", "seeds")], "seeds"]
+    hidden = ("average_sd", "seeds", "diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm")
+    header = ["arm", *[c for c in table.columns if c not in hidden], "seeds"]
+    with_diff = "diff" in table.columns
+    if with_diff:
+        header.insert(header.index("average") + 1, f"vs {table.attrs.get('baseline', 'full')}")
     lines = []
     for arm, r in table.iterrows():
         cells = [str(arm)]
         for c in header[1:-1]:
-            v = r[c]
-            if c == "average" and several:
+            v = r[c] if c in r.index else None
+            if c.startswith("vs "):
+                cells.append("-" if pd.isna(r["diff"]) else _interval(table, arm, ""))
+            elif c == "average" and several:
                 cells.append(f"{v:.2f} ± {r['average_sd']:.2f}")
             elif c == "ratio_to_full":
                 cells.append("" if pd.isna(v) else f"{v:.3f}")
@@ -465,7 +591,13 @@ def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
                 cells.append(f"{v:.2f}")
         cells.append(str(int(r["seeds"])))
         lines.append(cells)
-    return _render(header, lines, markdown)
+    text = _render(header, lines, markdown)
+    if with_diff:
+        text += ("\n\nvs " + str(table.attrs.get("baseline", "full")) + ": the difference of the average, resampled over "
+                 f"training seeds and items together ({table.attrs.get('n_resamples', BOOTSTRAP_RESAMPLES)} resamples, "
+                 f"{BOOTSTRAP_LEVEL:.0%} interval); * where it stays under {1 - BOOTSTRAP_LEVEL:.0%} after Holm's "
+                 "correction across the arms. ± after an average: its standard deviation over seeds.")
+    return text
 
 
 def sweep_figure(table: pd.DataFrame, baseline: str = "full"):

@@ -64,7 +64,7 @@ def compare_arms(parent: RunRef, arms: list[ArmResult], baseline: str) -> Compar
                "loss_tokens": a.loss_tokens, "loop_seconds": a.loop_seconds, "final_dir": a.final_dir}
         rows.append(row)
         # the difference to the baseline and its interval (paired bootstrap), where both have per-item results
-        diffs = {c: _num(r[c]) for c in table.columns if c.endswith(("diff", "diff_lo", "diff_hi"))}
+        diffs = {c: _num(r[c]) for c in table.columns if c.endswith(("diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm"))}
         row.update(stderr=dict(a.stderr), budget=a.budget, **diffs)
         if "outside_noise" in table.columns and diffs.get("diff") is not None:
             row["outside_noise"] = bool(r["outside_noise"])
@@ -144,7 +144,7 @@ def _num(v) -> float | None:
 def summarize_sweep(parent: RunRef, results: list[tuple[int, ArmResult]], baseline: str = "full") -> SweepResult:
     """Aggregate the (seed, arm) results; log the table and the plot to MLflow and to Prefect's artifacts."""
     rows = [{**r.model_dump(), "seed": seed} for seed, r in results]
-    table = sweep_table(rows, baseline=baseline)
+    table = sweep_table([{**row, "samples": _samples(row.get("eval_samples_path"))} for row in rows], baseline=baseline)
     text, markdown = format_sweep_table(table), format_sweep_table(table, markdown=True)
     get_run_logger().info("sweep:\n" + text)
     log_text(parent, text + "\n", "sweep/table.txt")
@@ -152,14 +152,17 @@ def summarize_sweep(parent: RunRef, results: list[tuple[int, ArmResult]], baseli
     parent.client.log_table(parent.run_id, data=table.reset_index(), artifact_file="sweep/table.json")
     tmp_artifact(parent, "sweep/score_vs_tokens.png", lambda p: sweep_figure(table, baseline).savefig(p, dpi=120))
     for arm, r in table.iterrows():
+        diffs = {f"sweep/{arm}/{c}": float(r[c]) for c in ("diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm")
+                 if c in r.index and not math.isnan(r[c])}
         log_metrics(parent, {f"sweep/{arm}/average": r["average"], f"sweep/{arm}/average_sd": r["average_sd"],
-                             f"sweep/{arm}/ratio_to_full": r["ratio_to_full"], f"sweep/{arm}/loss_tokens": r["loss_tokens"]})
+                             f"sweep/{arm}/ratio_to_full": r["ratio_to_full"], f"sweep/{arm}/loss_tokens": r["loss_tokens"],
+                             **diffs})
     set_tags(parent, {"mlflow.note.content": f"Sweep of {len(table)} arms x {int(table['seeds'].max())} seed(s)\n\n{markdown}"})
     create_markdown_artifact(
         key="sweep-table", markdown=f"# Sweep {parent.name}\n\n{markdown}\n\nPlot: MLflow run {parent.run_id}, "
         "artifact `sweep/score_vs_tokens.png`.", description="mean (± sd over seeds) per arm",
     )
-    create_table_artifact(key="sweep-rows", table=table.reset_index().round(4).to_dict(orient="records"))
+    create_table_artifact(key="sweep-rows", table=_table_rows(table))
     return SweepResult(
         name=parent.name, parent_run_id=parent.run_id, tracking_uri=parent.tracking_uri,
         ui_command=ui_command(parent.tracking_uri), arms=table.reset_index().to_dict(orient="records"),

