@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -278,16 +277,17 @@ def test_each_example_file_passes_qtuning_runs_data_check_and_prepare_stage(tmp_
 
 
 @pytest.mark.slow
-def test_qtuning_run_trains_a_multi_turn_sharegpt_file_end_to_end(tmp_path):
-    """The whole `qtuning run` (Prefect flow, both arms trained, lm-eval, MLflow) on a user's ShareGPT file."""
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+def test_qtuning_run_trains_a_multi_turn_sharegpt_file_end_to_end(tmp_path, prefect_server):
+    """The whole `qtuning run` (Prefect flow, both arms trained, lm-eval, MLflow) on a user's ShareGPT file, on the
+    test process's Prefect server with a home of its own (the launcher is python: what is under test is the file,
+    and `accelerate launch` has its own end-to-end tests)."""
+    env = {**prefect_server["env"], "PREFECT_HOME": str(prefect_home(tmp_path / "prefect"))}
     env.pop("MLFLOW_TRACKING_URI", None)
     out = tmp_path / "table.json"
     proc = subprocess.run(
         [sys.executable, "-m", "commands.cli", "run", "--config", "examples/formats-compare.yaml", "--no-progress",
          "--json", str(out), "--set", "data.source=examples/data/sharegpt.jsonl", f"pipeline.runs_dir={tmp_path / 'runs'}",
-         f"pipeline.tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}"],
+         f"pipeline.tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}", "pipeline.launcher=python"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
