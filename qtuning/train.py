@@ -31,6 +31,10 @@ when complete (older ones are deleted only then), after checking that the disk h
 model goes to `final.partial/` and is renamed to `final/`. Run from the command line, SIGTERM or SIGINT (or
 the death of the process named by $QTUNING_PARENT_PID, the pipeline that started it) stops the loop at the
 next step boundary: one process saves a checkpoint of that step, writes no final model and exits 128+signal.
+
+This file is the loop; beside it: `qtuning.checkpoints` (TrainState, checkpoints on disk, resume),
+`qtuning.stopping` (signals, parent watch), `qtuning.devices` (what this machine can run) and
+`qtuning.step_metrics` (what a step did, reduced across processes by name; metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -39,13 +43,9 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
-import signal
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,13 +53,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qtuning.config import ConfigError, DataConfig, ExperimentConfig, TrainingConfig
+from qtuning.checkpoints import TrainState, checkpoints, resume_from, save_checkpoint
+from qtuning.config import DataConfig, ExperimentConfig, TrainingConfig
 from qtuning.pruning import NonFiniteScores, prune_pool
 from qtuning.rules import PoolStats, Selection
 from qtuning.data import IGNORE_INDEX as IGNORE, Batch, DataError, SFTData, build_sft_dataset, collate
 from qtuning.lm import ChunkedLM, as_lm, build_lanes, lane_plan, lanes_forward, loss_targets, unpad
 from qtuning.scoring import score_tokens
+from qtuning.devices import check_device, precision, sync
 from qtuning.selection import SelectionLog, log_rows
+from qtuning.step_metrics import MetricsFile, record_step
+from qtuning.stopping import StopRequest, stop_early
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -306,209 +310,6 @@ def with_trackers(accelerator, cfg: ExperimentConfig, log_fn: LogFn | None) -> L
     return log
 
 
-# --------------------------------------------------------------------------- state and checkpoints
-@dataclass
-class TrainState:
-    """Everything a resume needs beyond model/optimizer/scheduler (explicit, JSON-serialisable)."""
-
-    step: int = 0  # optimizer steps done
-    pools_done: int = 0  # global pools consumed (all processes)
-    loss_tokens: int = 0  # tokens that carried loss so far
-    samples_trained: int = 0
-    samples_seen: int = 0
-    skipped_steps: int = 0  # steps whose kept rows carried no loss token: no optimizer or scheduler step
-    nonfinite: int = 0  # rows left out of their pool for non-finite scores (pruning.on_nonfinite: exclude)
-    score_seconds: float = 0.0  # stages 1-3: scoring forward, triage, token pruning
-    learn_seconds: float = 0.0  # stage 4: forward/backward of the kept rows and the optimizer step
-    last_loss: float = math.nan  # the last step's loss: summary.json's final_loss, also after a resume at the end
-    loop_cpu_seconds: float = 0.0  # this process's CPU time in stages 1-4 (steadier than wall time on a shared CPU)
-    fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
-    fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
-    budget_tokens: int = 0  # pruning.budget: equal_tokens: the loss tokens Q-Tuning would have trained on these pools
-
-
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints (renamed from step-N.partial once written), oldest first."""
-    found = [p for p in (out / "checkpoints").glob("step-*")
-             if _STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-class DiskSpaceError(OSError):
-    """Not enough free space for the next checkpoint; the message names the folder and the bytes needed."""
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def checkpoint_bytes(out: Path, model) -> int:
-    """What the next checkpoint will take: the last one's size, else parameters x 3 (weights + AdamW's two moments)."""
-    if ckpts := _checkpoints(out):
-        return _dir_bytes(ckpts[-1])
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise DiskSpaceError(
-            f"not enough disk space for a checkpoint in {folder}: {needed:,} bytes needed, {free:,} free; "
-            f"free some space (or lower training.keep_checkpoints) and resume with --resume "
-            f"(the last complete checkpoint is intact)"
-        )
-
-
-def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, model=None) -> Path:
-    """checkpoints/step-N, written as step-N.partial and renamed when complete; then the oldest beyond `keep` go."""
-    # Not accelerate's ProjectConfiguration(automatic_checkpoint_naming, total_limit): its checkpoint_N folders are
-    # numbered by save count, not optimizer step, written in place (a killed save leaves a folder that looks
-    # complete) and rotated before the new one is known good; here a save is atomic and the last good one stays.
-    root = out / "checkpoints"
-    ckpt, partial = root / f"step-{state.step}", root / f"step-{state.step}.partial"
-    if accelerator.is_main_process:
-        for stale in root.glob("step-*.partial"):  # a save interrupted earlier
-            shutil.rmtree(stale, ignore_errors=True)
-        if model is not None:
-            _check_free_space(root, checkpoint_bytes(out, model))
-    accelerator.wait_for_everyone()
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    try:
-        # accelerate logs the tied weights it stores once ("Removed shared tensor ..."): above the progress bar,
-        # not through it
-        with logging_redirect_tqdm():
-            accelerator.save_state(str(partial))
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise DiskSpaceError(f"writing the checkpoint {partial} failed ({e}); the last complete checkpoint is intact") from e
-    # every process writes its own files (its RNG state; its shards under FSDP/ZeRO-3): all are done before the rename
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
-        if ckpt.exists():  # the same step saved again (a stop right after a periodic checkpoint, a resume at the end)
-            shutil.rmtree(ckpt)
-        partial.rename(ckpt)
-        for old in _checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return ckpt
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from: which folder, why, and what to do. `damaged`: a file of it cannot
-    be read (an older checkpoint may still serve); else it was written for another model."""
-
-    def __init__(self, ckpt: Path | str, reason: str = "", damaged: bool = False):
-        super().__init__(f"checkpoint {ckpt} {reason}; remove {Path(ckpt).parent} to start afresh, or run without --resume"
-                         if reason else str(ckpt))
-        self.ckpt, self.reason, self.damaged = ckpt, reason, damaged
-
-
-def _resume(accelerator, ckpts: list[Path]) -> tuple[TrainState, Path]:
-    """The newest checkpoint that loads; a damaged one is said and passed over for the one before it."""
-    for ckpt in reversed(ckpts[1:]):
-        try:
-            return _load_checkpoint(accelerator, ckpt), ckpt
-        except CheckpointError as e:
-            if not e.damaged:
-                raise
-            accelerator.print(f"checkpoint {ckpt} {e.reason}; resuming from the checkpoint before it")
-    return _load_checkpoint(accelerator, ckpts[0]), ckpts[0]  # the oldest: its error, if any, is the run's
-
-
-def _load_checkpoint(accelerator, ckpt: Path) -> TrainState:
-    """Model, optimizer, scheduler and RNG states from `ckpt` (accelerate), and the loop's TrainState."""
-    try:
-        accelerator.load_state(str(ckpt))
-        return TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
-    except Exception as e:
-        if isinstance(e, RuntimeError) and "loading state_dict" in str(e):  # torch names every key: hundreds of lines
-            raise CheckpointError(ckpt, f"does not fit this model: {_mismatch(str(e))}. It was written for another model, "
-                                  "or by a qtuning from before 2026-12 (whose weights were not under `model.`)") from None
-        damaged = (OSError, ValueError, EOFError, TypeError, RuntimeError)  # a missing or damaged file: torch, json
-        if not isinstance(e, damaged) and type(e).__module__.split(".")[0] not in ("safetensors", "pickle", "_pickle"):
-            raise
-        raise CheckpointError(ckpt, f"cannot be read ({type(e).__name__}: {str(e)[:300]})", damaged=True) from e
-
-
-def _mismatch(message: str) -> str:
-    """torch's load_state_dict error in one line: how many weights were missing, unexpected or of another shape."""
-    parts = []
-    for kind in ("Missing", "Unexpected"):
-        m = re.search(rf"{kind} key\(s\) in state_dict: ([^\n]*)", message)
-        keys = re.findall(r'"([^"]+)"', m.group(1)) if m else []
-        if keys:
-            parts.append(f"{len(keys)} {kind.lower()} weight(s) (e.g. {keys[0]})")
-    if sizes := re.findall(r"size mismatch for ([^:]+):", message):
-        parts.append(f"{len(sizes)} of another shape (e.g. {sizes[0]})")
-    return "; ".join(parts) or message.splitlines()[0]
-
-
-class StopRequest:
-    """Why the loop should stop at the next step boundary: a signal (SIGTERM, SIGINT) or the death of the process
-    that started training ($QTUNING_PARENT_PID, so a killed pipeline never leaves a trainer running)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.reason = ""
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    def request(self, signum: int, reason: str) -> None:
-        if self.signum is None:
-            self.signum, self.reason = signum, reason
-
-    def install(self) -> None:
-        """Handle SIGTERM/SIGINT and watch $QTUNING_PARENT_PID. A SIGINT after the first request interrupts at once
-        (a second Ctrl-C); a repeated SIGTERM does not: launchers pass their own SIGTERM on to a trainer that
-        is already stopping (accelerate launch does), and it must still reach its step boundary and save."""
-
-        def handler(signum, frame):
-            if self and signum == signal.SIGINT:  # asked again from a terminal: stop now
-                raise KeyboardInterrupt
-            if self:
-                return
-            self.request(signum, signal.Signals(signum).name)
-            print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
-        if pid := os.environ.get("QTUNING_PARENT_PID"):
-            threading.Thread(target=self._watch, args=(int(pid),), daemon=True, name="parent-watch").start()
-
-    def _watch(self, pid: int, every_s: float = 1.0) -> None:
-        import psutil
-
-        try:
-            parent = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            parent = None
-        while not self:
-            try:
-                gone = parent is None or not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:  # killed outright (kill -9): nobody will read our output or stop us
-                self.request(signal.SIGTERM, f"the process that started training ({pid}) is gone")
-                print(f"qtuning.train: {self.reason}: stopping at the next step boundary", file=sys.stderr, flush=True)
-                return
-            time.sleep(every_s)
-
-
-class TrainingStopped(Exception):
-    """The loop stopped early on request (signal, parent gone); `signum` gives the exit code 128 + signum."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
 # --------------------------------------------------------------------------- the loop
 def plan_steps(n_samples: int, cfg: ExperimentConfig, world: int) -> tuple[int, int, int]:
     """(pools per epoch, global pools to train, optimizer steps), each process taking one pool of every `world`."""
@@ -531,42 +332,6 @@ def _adamw(params: list[torch.nn.Parameter], t: TrainingConfig) -> torch.optim.O
         except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
             pass
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def check_device(cfg: ExperimentConfig) -> None:
-    """Refuse, before anything loads, what this machine cannot run: every problem at once, each with its fix."""
-    import importlib.util
-
-    t, m = cfg.training, cfg.model
-    gpu = torch.cuda.is_available()
-    problems = []
-    if t.precision in ("bf16", "fp16") and not gpu:
-        problems.append(f"training.precision: {t.precision} needs a GPU (this machine has none); use auto or fp32")
-    elif t.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        problems.append("training.precision: bf16 is not supported by this GPU; use fp16 or auto")
-    if t.weight_dtype == "bf16" and not gpu:
-        problems.append("training.weight_dtype: bf16 needs a GPU (bf16 matmuls on a CPU are slow); use auto or fp32")
-    if m.attn_implementation == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
-            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; "
-                            "`pip install flash-attn --no-build-isolation`, or use sdpa")
-        if not gpu:
-            problems.append("model.attn_implementation: flash_attention_2 needs a GPU; use sdpa")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-def _precision(t: TrainingConfig, finetune: str) -> tuple[str, torch.dtype]:
-    """(accelerate's mixed_precision, the weights' dtype) for this machine; check_device has refused the rest."""
-    gpu = torch.cuda.is_available()
-    if t.precision == "auto":
-        compute = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-    else:
-        compute = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
-    weights = t.weight_dtype
-    if weights == "auto":  # a frozen LoRA base needs no fp32 master copy; full fine-tuning keeps one
-        weights = "bf16" if compute == "bf16" and finetune == "lora" else "fp32"
-    return compute, {"fp32": torch.float32, "bf16": torch.bfloat16}[weights]
 
 
 def train(
@@ -600,7 +365,7 @@ def train(
     t, out = cfg.training, Path(cfg.training.output_dir)
     check_trackers(t)
     check_device(cfg)
-    mixed_precision, weight_dtype = _precision(t, cfg.model.finetune)
+    mixed_precision, weight_dtype = precision(t, cfg.model.finetune)
     # broadcast_buffers=False: no buffer needs syncing (rotary tables), and the broadcast would be a collective
     # in every forward, which processes with different numbers of scoring forwards must not need
     accelerator = Accelerator(
@@ -646,15 +411,15 @@ def train(
     device = accelerator.device
 
     state = TrainState()
-    if resume and (ckpts := _checkpoints(out)):
-        state, ckpt = _resume(accelerator, ckpts)
+    if resume and (ckpts := checkpoints(out)):
+        state, ckpt = resume_from(accelerator, ckpts)
         accelerator.print(f"resumed from {ckpt} (step {state.step}/{total_steps})")
     elif resume:
         accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
-    metrics_file = _MetricsFile(out / "metrics.jsonl", keep_until=state.step) if accelerator.is_main_process else None
+    metrics_file = MetricsFile(out / "metrics.jsonl", keep_until=state.step) if accelerator.is_main_process else None
     selection = SelectionLog(out, rank, accelerator.is_main_process, keep_until=state.step)
     accelerator.wait_for_everyone()  # the main process has trimmed the selection log before anyone appends
     log_fn = with_trackers(accelerator, cfg, log_fn)
@@ -692,7 +457,7 @@ def train(
             except NonFiniteScores as e:  # name the samples, not their positions in the pool
                 ids = data.dataset["sample_id"]
                 raise e.with_names([ids[int(pool_rows(i)[r])] for r in e.rows]) from None
-        _sync(device)
+        sync(device)
         score_end = time.perf_counter()
 
         # ---- 4. learn from what is left, and only from it (a step without a loss token anywhere is skipped)
@@ -703,7 +468,7 @@ def train(
             optimizer.step()
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         step_end = time.perf_counter()
         state.step += 1
 
@@ -725,10 +490,10 @@ def train(
         bar.set_postfix(loss=f"{state.last_loss:.3f}", kept=f"{metrics['prune/kept_samples']:.2f}", tok=f"{metrics['prune/kept_tokens']:.2f}")
         bar.update(1)
         if save and ((t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or state.step == total_steps):
-            _save_checkpoint(accelerator, out, state, t.keep_checkpoints, model)
+            save_checkpoint(accelerator, out, state, t.keep_checkpoints, model)
     bar.close()
     if stop and state.step < total_steps:
-        _stop_early(accelerator, out, state, t.keep_checkpoints, model, save, stop)
+        stop_early(accelerator, out, state, t.keep_checkpoints, model, save, stop)
 
     accelerator.wait_for_everyone()
     selection.close()
@@ -806,110 +571,6 @@ def whole_model(accelerator, cfg: ExperimentConfig, dtype: torch.dtype):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-# Per-step counts summed over a step's pools (and processes). q1..q4: geometric quadrants before fill-in;
-# filled_from_*: fill-ins by the quadrant they lie in (fill-ins come from Q1, Q3 or between the thresholds);
-# filled_as_q2: fill-ins that count as Q2 (token-pruned; the others train whole, as Q4).
-POOL_COUNTS = ("pool", "kept", "response", "real", "q1", "q2", "q3", "q4", "filled", "filled_from_q1", "filled_from_q3",
-               "filled_from_none", "filled_as_q2", "nonfinite", "budget_tokens")
-
-
-def _pool_counts(pools: list[Pruned]) -> list[float]:
-    """The POOL_COUNTS of a step's pools, in that order (host-side: selections live on CPU)."""
-    def n(mask) -> int:
-        return int(mask.sum())
-
-    rows = []
-    for p in pools:
-        s = p.sel
-        rows.append([
-            s.keep.numel(), n(s.keep), p.response_tokens, p.real_tokens,
-            *(n(s.quadrant == q) for q in (1, 2, 3, 4)),
-            n(s.fill_in), n(s.fill_in & (s.quadrant == 1)), n(s.fill_in & (s.quadrant == 3)), n(s.fill_in & (s.quadrant == 0)),
-            n(s.fill_in & s.prune_tokens), p.excluded, p.budget_tokens or 0,
-        ])
-    return [float(sum(col)) for col in zip(*rows)] if rows else [0.0] * len(POOL_COUNTS)
-
-
-def record_step(accelerator, state: TrainState, pools: list[Pruned], learned: Learned, lr: float,
-                seconds: tuple[float, float, float], pools_per_epoch: int, budget: bool) -> dict[str, float]:
-    """Adds the step's counts, summed over its pools and every process, to `state`; returns its metrics.
-
-    `seconds`: (scoring, learning, this process's CPU time) of the step. One reduction, one host sync: the step's
-    loss and loss tokens (on device), the pools' counts (host) and the positions the forwards computed.
-    """
-    world = accelerator.num_processes
-    on_device = torch.stack([learned.loss, *(p.loss_tokens for p in pools)]).double()
-    q2_tokens = torch.stack([p.q2_tokens for p in pools]).sum(0).double()  # (2,) before, after token pruning
-    fed_counts = [learned.fed_tokens + sum(p.score_fed_tokens for p in pools),
-                  learned.real_tokens + sum(p.score_real_tokens for p in pools)]  # positions the forwards computed, real ones
-    on_host = torch.tensor(_pool_counts(pools) + fed_counts, dtype=torch.float64)
-    totals = accelerator.reduce(torch.cat([on_device, q2_tokens, on_host.to(on_device.device)]), reduction="sum").tolist()
-    loss_value, n_loss_tok = totals[0] / world, sum(totals[1 : 1 + len(pools)])
-    q2_before, q2_after = totals[1 + len(pools) : 3 + len(pools)]
-    counts = dict(zip(POOL_COUNTS, totals[3 + len(pools) : -2]))
-    fed, fed_real = totals[-2:]
-    n_pool, n_kept, n_resp, n_real = (counts[k] for k in ("pool", "kept", "response", "real"))
-    score_s, learn_s, cpu_s = seconds
-
-    state.loss_tokens += int(n_loss_tok)
-    state.samples_trained += int(n_kept)
-    state.samples_seen += int(n_pool)
-    state.nonfinite += int(counts["nonfinite"])
-    state.score_seconds += score_s
-    state.learn_seconds += learn_s
-    state.loop_cpu_seconds += cpu_s
-    state.fed_tokens += int(fed)
-    state.fed_real_tokens += int(fed_real)
-    state.budget_tokens += int(counts["budget_tokens"])
-    if learned.skipped:
-        state.skipped_steps += 1
-    else:
-        state.last_loss = loss_value
-
-    metrics = {
-        "train/loss": loss_value,
-        "train/lr": lr,
-        "train/epoch": state.pools_done / pools_per_epoch,
-        "train/loss_tokens": state.loss_tokens,
-        "train/samples_trained": state.samples_trained,
-        "train/skipped_steps": state.skipped_steps,
-        "prune/kept_samples": n_kept / n_pool,
-        "prune/kept_tokens": n_loss_tok / max(n_resp, 1),  # share of the pools' response tokens that trained
-        **{f"prune/{k}": counts[k] for k in POOL_COUNTS[4:-1]},
-        "time/score_seconds": score_s,
-        "time/learn_seconds": learn_s,
-        "time/tokens_per_second": n_real / max(score_s + learn_s, 1e-9),
-        # every forward of the step (scoring and training): padding is what the layout wastes
-        "train/padding_share": 1 - fed_real / max(fed, 1),
-        "train/real_tokens_per_second": fed_real / max(score_s + learn_s, 1e-9),
-    }
-    if learned.skipped:  # no loss was computed: leave the curve a gap rather than a 0
-        del metrics["train/loss"]
-    alphas = [p.sel.alpha for p in pools if not math.isnan(p.sel.alpha)]
-    if alphas:
-        metrics["prune/alpha"] = float(np.mean(alphas))
-    if q2_before:  # kept response tokens of token-pruned rows / their response tokens: ~r_t under per_sample
-        metrics["prune/q2_token_keep"] = q2_after / q2_before
-    if budget:
-        metrics["prune/budget_tokens"] = counts["budget_tokens"]
-    return metrics
-
-
-def _stop_early(accelerator, out: Path, state: TrainState, keep: int, model, save: bool, stop: StopRequest) -> None:
-    """The loop was asked to stop: keep this step in a checkpoint (one process: every rank is at the same step
-    only when they share one signal, which a lone process always does) and raise TrainingStopped."""
-    where = ""
-    if state.step == 0:  # nothing trained yet: no checkpoint to keep
-        where = "; no step had completed, so no checkpoint was written (a rerun starts from the beginning)"
-    elif save and accelerator.num_processes == 1 and not (out / "checkpoints" / f"step-{state.step}").exists():
-        where = f"; checkpoint {_save_checkpoint(accelerator, out, state, keep, model)}"
-    elif ckpts := _checkpoints(out):
-        where = f"; last checkpoint {ckpts[-1]}"
-    accelerator.end_training()
-    raise TrainingStopped(f"stopped at step {state.step} ({stop.reason}), no final model written{where}; "
-                          "continue with --resume", stop.signum or signal.SIGTERM)
-
-
 def matching_data(data: SFTData, cfg: DataConfig) -> SFTData:
     """`data` narrowed to `cfg.subset`, after checking that it was prepared from `cfg` (anything else would train on
     rows the config does not describe)."""
@@ -919,37 +580,6 @@ def matching_data(data: SFTData, cfg: DataConfig) -> SFTData:
             f"data config than the run's; prepare it from this run's data section"
         )
     return data.select_ids(cfg.subset) if cfg.subset else data
-
-
-def _sync(device: torch.device) -> None:
-    """Timings need the GPU queue drained (a CPU-GPU sync point; twice per step)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _MetricsFile:
-    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        kept, torn = [], []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:  # a line cut short by a full disk or a kill mid-write
-                torn.append(number)
-                continue
-            if isinstance(record, dict) and record.get("step", keep_until + 1) <= keep_until:
-                kept.append(line)
-        if torn:
-            print(f"qtuning.train: {path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}), "
-                  "written when the run stopped mid-write; their steps are redone", file=sys.stderr, flush=True)
-        path.write_text("".join(l + "\n" for l in kept))
-
-    def write(self, step: int, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qtuning train: {e}", file=sys.stderr)
         return 2
     from qtuning import train as loop  # torch, transformers and datasets load only now
+    from qtuning.checkpoints import CheckpointError, DiskSpaceError
     from qtuning.data import DataError, SFTData
+    from qtuning.stopping import StopRequest, TrainingStopped
 
-    stop = loop.StopRequest()
+    stop = StopRequest()
     stop.install()
     try:
         data = SFTData.load(args.data) if args.data else None
@@ -56,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # refused before anything trained: what to change, in one line
         print(f"qtuning train: {e}", file=sys.stderr, flush=True)
         return 2
-    except loop.TrainingStopped as e:
+    except TrainingStopped as e:
         print(f"qtuning train: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    except (loop.DiskSpaceError, loop.CheckpointError) as e:
+    except (DiskSpaceError, CheckpointError) as e:
         print(f"qtuning train: {e}", file=sys.stderr, flush=True)
         return 1
     print(json.dumps(summary))

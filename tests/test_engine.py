@@ -20,7 +20,8 @@ from qtuning.data import build_sft_dataset, collate
 from qtuning.lm import ChunkedLM, build_lanes, lane_plan, lanes_forward, loss_targets, unpad
 from qtuning.modeling import tiny_model_config
 from qtuning.scoring import score_tokens
-from qtuning.train import check_device, micro_batch_plan, train
+from qtuning.devices import check_device
+from qtuning.train import micro_batch_plan, train
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,8 @@ def test_a_checkpoint_that_cannot_be_resumed_is_named_with_the_fix(tmp_path, dam
 
     from safetensors.torch import load_file, save_file
 
-    from qtuning.train import CheckpointError, train
+    from qtuning.checkpoints import CheckpointError
+    from qtuning.train import train
 
     cfg = tiny_experiment(tmp_path, keep_checkpoints_after_training=True)
     train(cfg, progress=False)
@@ -274,6 +275,7 @@ def test_a_full_disk_stops_training_naming_the_folder_and_bytes_and_keeps_the_la
     import shutil as real_shutil
 
     import qtuning.train as train_mod
+    from qtuning.checkpoints import DiskSpaceError
 
     cfg = tiny_experiment(tmp_path, checkpoint_every_steps=1)
     out = Path(cfg.training.output_dir)
@@ -285,7 +287,7 @@ def test_a_full_disk_stops_training_naming_the_folder_and_bytes_and_keeps_the_la
         return type(real)(real.total, real.used, 1000 if full else real.free)
 
     monkeypatch.setattr(train_mod.shutil, "disk_usage", disk_usage)
-    with pytest.raises(train_mod.DiskSpaceError) as e:
+    with pytest.raises(DiskSpaceError) as e:
         train_mod.train(cfg, progress=False)
     step1 = out / "checkpoints" / "step-1"
     needed = sum(p.stat().st_size for p in step1.rglob("*") if p.is_file())
@@ -317,13 +319,14 @@ def test_a_trainer_stopped_by_sigterm_saves_a_checkpoint_and_writes_no_final_mod
 def test_a_stop_before_the_first_step_says_so_and_writes_no_checkpoint(tmp_path):
     """A stop that came before any step had completed used to save a `step-0` checkpoint of the untrained model
     and call it the step it stopped at. Nothing is kept, and the message says a rerun starts from the beginning."""
-    import qtuning.train as T
+    from qtuning.stopping import StopRequest, TrainingStopped
+    from qtuning.train import train
 
     cfg = tiny_experiment(tmp_path)
-    stop = T.StopRequest()
+    stop = StopRequest()
     stop.request(signal.SIGTERM, "SIGTERM")
-    with pytest.raises(T.TrainingStopped) as e:
-        T.train(cfg, progress=False, stop=stop)
+    with pytest.raises(TrainingStopped) as e:
+        train(cfg, progress=False, stop=stop)
     out = Path(cfg.training.output_dir)
     assert "stopped at step 0 (SIGTERM)" in str(e.value) and "no step had completed, so no checkpoint was written" in str(e.value)
     assert e.value.signum == signal.SIGTERM and not (out / "checkpoints").exists() and not (out / "final").exists()
@@ -332,10 +335,10 @@ def test_a_stop_before_the_first_step_says_so_and_writes_no_checkpoint(tmp_path)
 def test_a_repeated_sigterm_lets_the_trainer_save_and_a_second_ctrl_c_stops_it_now():
     """`accelerate launch` passes its own SIGTERM on to a trainer that the pipeline has already asked to stop; that
     second SIGTERM used to interrupt the trainer before its checkpoint (a second Ctrl-C still does)."""
-    import qtuning.train as T
+    from qtuning.stopping import StopRequest
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stop = T.StopRequest()
+    stop = StopRequest()
     try:
         stop.install()
         os.kill(os.getpid(), signal.SIGTERM)
