@@ -23,7 +23,9 @@ A stage is a Prefect task declared with `@stage(...)`:
 - **Once**: the body runs under an exclusive file lock per key (`runs/.locks/<stage>-<key>.lock`). A second
   process (an identical run started at the same moment) waits for it, then finds the folder complete and
   returns the record the first one wrote beside it (`record.json`, covered by the manifest) instead of
-  building the same outputs again into the same folder.
+  building the same outputs again into the same folder. The lock is flock(2), which Linux's NFS client emulates
+  with byte-range locks the server holds, so it also holds between machines sharing the runs folder over NFS
+  (not on file systems without locks, such as an object store mounted by FUSE).
 
 Records are persisted in Prefect's result storage (`$PREFECT_HOME/storage`), so hits survive across flow runs
 and processes.
