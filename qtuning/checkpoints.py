@@ -12,7 +12,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 @dataclass
@@ -33,6 +33,8 @@ class TrainState:
     fed_tokens: int = 0  # positions the forwards computed (scoring and training, all processes)
     fed_real_tokens: int = 0  # of which real tokens (the rest is padding)
     budget_tokens: int = 0  # pruning.budget: equal_tokens: the loss tokens Q-Tuning would have trained on these pools
+    # sample: infobatch: each data set row's loss when last scored (row index -> loss), InfoBatch's score table
+    seen_loss: dict[str, float] = field(default_factory=dict)
 
 
 _STEP_DIR = re.compile(r"step-(\d+)")

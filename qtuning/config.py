@@ -224,6 +224,8 @@ class PruningConfig(_Frozen):
     sample_ratio: float = Field(0.25, gt=0.0, le=1.0, description="r_s: share of each pool's samples kept.")
     token_ratio: float = Field(0.5, gt=0.0, le=1.0, description="r_t: share of a pruned row's response tokens kept.")
     lam: float = Field(0.5, ge=0.0, le=1.0, description="lambda: weight of the neighbours in the context-aware token score.")
+    anneal: float = Field(0.125, ge=0.0, lt=1.0, description="sample: infobatch: the share of the last optimizer steps "
+                          "that train every row (InfoBatch's annealing phase; 0.125 in its code). Other rules ignore it.")
     entropy_scope: Literal["response", "all"] = Field(
         "response", description="Positions averaged into sample entropy: response (paper) or every non-pad (official code)."
     )

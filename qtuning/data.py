@@ -765,7 +765,7 @@ class Batch:
     def rows(self, keep: torch.Tensor) -> "Batch":
         """The rows in `keep`, with the padding columns none of them needs trimmed away."""
         mask = self.attention_mask[keep]
-        width = int(mask.sum(1).max())  # a host sync: once per pool
+        width = int(mask.sum(1).max()) if len(mask) else 0  # a host sync: once per pool; no row kept: an empty batch
         return Batch(self.input_ids[keep, :width], mask[:, :width], self.labels[keep, :width])
 
     def to(self, device) -> "Batch":

@@ -267,6 +267,12 @@ def as_pruning_config(pruning: PruningConfig | dict | str | Path | None) -> Prun
 def experiment_for(pruning: PruningConfig, args: Any, score_chunk_tokens: int = SCORE_CHUNK_TOKENS) -> ExperimentConfig:
     """The engine's config for a Trainer's arguments: the pool is the per-device batch; checked like a YAML run."""
     pool = args.per_device_train_batch_size
+    if pruning.sample == "infobatch":
+        raise ValueError(
+            "pruning.sample: infobatch (as published) keeps each sample's last-seen loss across the data set and "
+            "anneals the last steps, which a Trainer's batches cannot tell it (they carry no sample ids); use "
+            "sample: infobatch_pool (the batch's mean loss as threshold, no annealing), or `qtuning train`"
+        )
     if pruning.selection_batch_size not in (None, pool):
         raise ValueError(
             f"pruning.selection_batch_size={pruning.selection_batch_size}: in a Trainer the pool is the per-device "

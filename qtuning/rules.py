@@ -48,6 +48,10 @@ class PoolStats:
     response_lengths: Tensor  # (b,) label tokens per row
     ppl: Tensor | None = None  # (b,) sample perplexity; None when the rule set needs no scoring
     ent: Tensor | None = None  # (b,) sample entropy
+    # What the training loop knows beyond the pool (InfoBatch as published): the mean over the data set of each
+    # sample's loss when last seen (None: nothing seen yet), and whether this step is in the annealing phase.
+    threshold: float | None = None
+    anneal: bool = False
 
     @property
     def size(self) -> int:
@@ -56,7 +60,8 @@ class PoolStats:
     def subset(self, rows: Tensor) -> PoolStats:
         """The stats of the rows in `rows` (bool (b,)), in pool order."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return PoolStats(self.lengths[rows], self.response_lengths[rows], pick(self.ppl), pick(self.ent))
+        return PoolStats(self.lengths[rows], self.response_lengths[rows], pick(self.ppl), pick(self.ent),
+                         self.threshold, self.anneal)
 
 
 @dataclass
@@ -194,22 +199,48 @@ def _entropy(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Gener
 
 @sample_rule("infobatch", needs_scores=True)
 def _infobatch(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Generator) -> Selection:
-    """InfoBatch as published: rows below the mean loss kept with probability r_s and weighted 1/r_s; the rest kept.
+    """InfoBatch as published: rows below the data set's mean loss kept with probability r_s and weighted 1/r_s, the rest kept; the last steps (pruning.anneal) train every row.
 
-    Qin et al., ICLR 2024, on the loss the scoring pass just measured (InfoBatch's per-sample score is the loss
-    of the sample's last visit; here every pool row is scored fresh by the current model, which is what that
-    running value stands in for). The threshold is the pool's mean loss. Each row below it is dropped with
-    the prune probability r = 1 - r_s; a survivor's loss is weighted 1 / (1 - r) = 1 / r_s; rows at or above
-    the mean train with weight 1. The weighted sum of the kept rows' losses is then an unbiased estimate of
-    the whole pool's sum, and the step's weighted denominator makes the loss a ratio estimate of the pool's
-    mean token loss. The number of kept rows is random and usually above K = round(b * r_s):
-    `prune/kept_samples` reports it. `infobatch_fixed` is the variant with exactly K rows.
+    Qin et al., ICLR 2024. InfoBatch keeps each sample's loss from its last visit and prunes against their mean
+    over the data set; here the training loop keeps that table (every row a pool scores updates its entry) and
+    passes its mean as `pool.threshold` (None on the very first pool: the pool's own mean stands in). Each row
+    below the threshold is dropped with the prune probability r = 1 - r_s; a survivor's loss is weighted
+    1 / (1 - r) = 1 / r_s; rows at or above it train with weight 1, so the weighted loss is an unbiased
+    estimate of the whole pool's. In the annealing phase (`pool.anneal`: the last `pruning.anneal` share of
+    the optimizer steps, 12.5% in InfoBatch's code) every row trains with weight 1. The number of kept rows is
+    random and usually above K = round(b * r_s): `prune/kept_samples` reports it. `infobatch_pool` is the
+    pool-local variant, `infobatch_fixed` the one with exactly K rows.
+    """
+    import torch
+
+    if pool.anneal:
+        every = torch.ones(pool.size, dtype=torch.bool)
+        return Selection(keep=every, prune_tokens=every.clone(), weight=torch.ones(pool.size))
+    loss = torch.log(pool.ppl)
+    threshold = loss.mean() if pool.threshold is None else pool.threshold
+    return _infobatch_below(loss, threshold, ratio, gen)
+
+
+@sample_rule("infobatch_pool", needs_scores=True)
+def _infobatch_pool(pool: PoolStats, ratio: float, cfg: PruningConfig, gen: torch.Generator) -> Selection:
+    """InfoBatch on the pool alone: the threshold is the pool's mean loss, and no annealing phase.
+
+    qtuning's `infobatch` before issue 17: every row is scored fresh by the current model, and the pool's own
+    mean stands in for the data set's mean of last-seen losses. Rows below it are kept with probability r_s and
+    weighted 1 / r_s; the rest train with weight 1.
     """
     import torch
 
     loss = torch.log(pool.ppl)
-    low = loss < loss.mean()
-    survive = torch.rand(pool.size, generator=gen) < ratio
+    return _infobatch_below(loss, loss.mean(), ratio, gen)
+
+
+def _infobatch_below(loss: Tensor, threshold, ratio: float, gen: torch.Generator) -> Selection:
+    """Rows with loss below `threshold` kept with probability `ratio` and weighted 1 / ratio; the others kept."""
+    import torch
+
+    low = loss < threshold
+    survive = torch.rand(len(loss), generator=gen) < ratio
     keep = ~low | survive
     weight = torch.where(low, 1.0 / ratio, 1.0) * keep
     return Selection(keep=keep, prune_tokens=keep.clone(), weight=weight)

@@ -98,12 +98,14 @@ class Pruned:
     score_real_tokens: int = 0  # of which real tokens
 
 
-def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator) -> Pruned:
-    """Stages 1 and 2 for one pool: score (if the rules need it), triage, prune tokens."""
+def select_pool(model, batch: Batch, cfg: ExperimentConfig, gen: torch.Generator, *, threshold: float | None = None,
+                anneal: bool = False) -> Pruned:
+    """Stages 1 and 2 for one pool: score (if the rules need it), triage, prune tokens. `threshold` and `anneal`:
+    what the loop knows beyond the pool, for rules that read it (InfoBatch: `InfoBatchScores`)."""
     p = cfg.pruning
     lengths = batch.attention_mask.sum(1).cpu()
     response_lengths = (batch.labels[:, 1:] != IGNORE).sum(1).cpu()
-    stats = PoolStats(lengths=lengths, response_lengths=response_lengths)
+    stats = PoolStats(lengths=lengths, response_lengths=response_lengths, threshold=threshold, anneal=anneal)
     nll, fed, real = None, 0, 0
     if p.needs_scores:
         # 1. where does each sample sit on the EU plane? (no grad, chunked over the vocabulary)
@@ -231,6 +233,40 @@ def learn(accelerator, model, pools: list[Pruned], cfg: ExperimentConfig) -> Lea
         loss_sum += loss.detach()
         fed, real = fed + lanes.fed_tokens, real + lanes.real_tokens
     return Learned(loss_sum, fed, real)
+
+
+class InfoBatchScores:
+    """InfoBatch's score table (sample: infobatch): each data set row's loss when last scored, kept in
+    TrainState.seen_loss (so a resume continues with it), its mean over the rows seen so far (the threshold of
+    the next step's pools), and which steps anneal (the last `pruning.anneal` share train every row).
+
+    Every process scores its own pools; their (row, loss) pairs are gathered each step, so every process holds
+    the same table and takes the decisions one process would."""
+
+    def __init__(self, state: TrainState, total_steps: int, anneal: float):
+        self.table = state.seen_loss  # the checkpointed dict itself: updates are saved with the state
+        self.anneal_from = total_steps - round(total_steps * anneal)
+
+    def threshold(self) -> float | None:
+        return float(np.mean(list(self.table.values()))) if self.table else None
+
+    def annealing(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based: the steps done before it) trains every row."""
+        return step >= self.anneal_from
+
+    def update(self, accelerator, rows: list[np.ndarray], pools: list[Pruned], width: int) -> None:
+        """Record the losses the step's pools measured (their rows in data set order), across processes."""
+        idx = np.full(width, -1, dtype=np.int64)
+        loss = np.full(width, np.nan)
+        mine_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        mine_loss = torch.cat([torch.log(p.sel.ppl.double()) for p in pools]).numpy() if pools else np.zeros(0)
+        idx[: len(mine_rows)], loss[: len(mine_loss)] = mine_rows, mine_loss
+        if accelerator.num_processes > 1:  # one gather of every process's (row, loss): all hold the same table
+            both = accelerator.gather(torch.tensor(np.stack([idx.astype(np.float64), loss]), device=accelerator.device)[None])
+            idx, loss = both[:, 0].flatten().cpu().numpy().astype(np.int64), both[:, 1].flatten().cpu().numpy()
+        for r, value in zip(idx.tolist(), loss.tolist()):
+            if r >= 0 and math.isfinite(value):  # padding, and rows left out for non-finite scores, say nothing
+                self.table[str(r)] = value
 
 
 # --------------------------------------------------------------------------- what the run shows besides the loss
@@ -416,6 +452,7 @@ def train(
         accelerator.print(f"resumed from {ckpt} (step {state.step}/{total_steps})")
     elif resume:
         accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
+    infobatch = InfoBatchScores(state, total_steps, cfg.pruning.anneal) if cfg.pruning.sample == "infobatch" else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -447,13 +484,14 @@ def train(
         step_start, step_cpu = time.perf_counter(), time.process_time()
         # ---- stages 1-2 on this step's pools (this process takes one of every `world`)
         pools = []
+        context = {"threshold": infobatch.threshold(), "anneal": infobatch.annealing(state.step)} if infobatch else {}
         while len(pools) < t.grad_accum_steps and state.pools_done < total_pools:
             i = state.pools_done + rank
             state.pools_done += world
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + i)  # per-pool: resume-safe randomness
             try:
                 with accelerator.autocast():
-                    pools.append(select_pool(model, pool(i), cfg, gen))  # the prepared model: sharded under FSDP/ZeRO-3
+                    pools.append(select_pool(model, pool(i), cfg, gen, **context))  # the prepared model: sharded under FSDP/ZeRO-3
             except NonFiniteScores as e:  # name the samples, not their positions in the pool
                 ids = data.dataset["sample_id"]
                 raise e.with_names([ids[int(pool_rows(i)[r])] for r in e.rows]) from None
@@ -478,6 +516,8 @@ def train(
                               pools_per_epoch, cfg.pruning.budget == "equal_tokens")
         pool_ids = [state.pools_done - (len(pools) - k) * world + rank for k in range(len(pools))]
         selection.record(selection_rows(state.step, pools, pool_ids, pool_rows, sample_ids, response_tokens, pools_per_epoch))
+        if infobatch:
+            infobatch.update(accelerator, [pool_rows(i) for i in pool_ids], pools, t.grad_accum_steps * cfg.pool_size)
         if heldout and (state.step == total_steps or (t.eval_every_steps and state.step % t.eval_every_steps == 0)):
             with accelerator.autocast():
                 eval_metrics = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring

@@ -243,6 +243,20 @@ def test_two_processes_take_the_step_of_one_process_with_the_same_global_batch(t
     assert sum(not torch.equal(w, w0[name]) for name, w in w1.items()) > len(w1) // 2  # the step moved the weights
 
 
+@pytest.mark.numerics
+def test_two_processes_share_infobatchs_score_table(tmp_path):
+    """InfoBatch's threshold is the mean of a score table every process must hold whole: each step's (row, loss)
+    pairs are gathered, so two processes with a pool each decide what one process with both pools decides, at
+    every step (a table of one's own pools would give each process another threshold from the second step on)."""
+    pruning = dict(sample="infobatch", token="random", sample_ratio=0.25, token_ratio=1.0, anneal=0.0)
+    two = _launch(_cfg(tmp_path / "two", pruning, max_steps=2), tmp_path / "two.yaml", processes=2)
+    one = train(_cfg(tmp_path / "one", pruning, max_steps=2, grad_accum_steps=2), progress=False)
+    read = lambda s: [json.loads(l) for l in Path(s["final_dir"]).parent.joinpath("metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [m["train/samples_trained"] for m in read(two)] == [m["train/samples_trained"] for m in read(one)]
+    assert two["samples_trained"] == one["samples_trained"] and two["loss_tokens"] == one["loss_tokens"]
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+
+
 def _pool_tokens_differ(tmp_path: Path) -> bool:
     import numpy as np
 

@@ -42,7 +42,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     [
         dict(sample="qtuning", token="qtuning"),
         dict(sample="qtuning", token="qtuning", token_budget="batch_global", loss_norm="all_tokens"),
-        dict(sample="infobatch", token="random"),  # per-row weights and seeded randomness
+        dict(sample="infobatch_pool", token="random"),  # per-row weights and seeded randomness
         dict(sample="random", token="ppl", train_on="masked_batch"),
     ],
     ids=["qtuning", "batch_global", "infobatch", "masked"],
@@ -208,6 +208,10 @@ def test_a_pool_that_keeps_every_row_is_refused_in_trainer_terms(tmp_path):
         experiment_for(PruningConfig(sample_ratio=0.75), _args(tmp_path, per_device_train_batch_size=2))
     with pytest.raises(ValueError, match="set per_device_train_batch_size=32"):
         experiment_for(PruningConfig(selection_batch_size=32), _args(tmp_path))
+    # published InfoBatch needs a data set's score table, which a Trainer's batches cannot feed: said, not faked
+    with pytest.raises(ValueError, match="use sample: infobatch_pool"):
+        experiment_for(PruningConfig(sample="infobatch", token="random"), _args(tmp_path))
+    assert experiment_for(PruningConfig(sample="infobatch_pool", token="random"), _args(tmp_path)).pruning.sample == "infobatch_pool"
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install 'qtuning[trl]')")

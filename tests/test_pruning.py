@@ -285,6 +285,30 @@ def test_published_infobatch_keeps_high_loss_rows_and_rescales_random_low_loss_s
     assert np.mean(estimates) == pytest.approx(float(x.sum()), abs=5 * 1.06)  # 5 sd of the mean of 4000 draws
 
 
+def test_published_infobatch_prunes_against_the_data_sets_mean_and_trains_every_row_when_annealing():
+    """The threshold is the loop's running mean of last-seen losses (pool.threshold), not the pool's own mean; in
+    the annealing phase every row trains with weight 1. infobatch_pool keeps the pool-local rule."""
+    b = 8
+    loss = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.8, 0.6, 0.4])  # pool mean 1.475
+    base = dict(lengths=torch.full((b,), 20), response_lengths=torch.full((b,), 10), ppl=torch.exp(loss), ent=torch.ones(b))
+    cfg = PruningConfig(sample="infobatch", token="random")
+    always = lambda sel: set(torch.nonzero(sel.keep & (sel.weight == 1)).flatten().tolist())  # noqa: E731
+    for _ in range(50):  # whatever the draw, rows at or above the threshold are kept with weight 1
+        low = SAMPLE_RULES["infobatch"].fn(PoolStats(**base, threshold=0.7), 0.25, cfg, torch.Generator().manual_seed(_))
+        high = SAMPLE_RULES["infobatch"].fn(PoolStats(**base, threshold=2.2), 0.25, cfg, torch.Generator().manual_seed(_))
+        pooled = SAMPLE_RULES["infobatch_pool"].fn(PoolStats(**base, threshold=0.7), 0.25, cfg, torch.Generator().manual_seed(_))
+        assert {0, 1, 2, 3, 4, 5} <= always(low)  # only the two rows below 0.7 may go
+        assert {0, 1} <= always(high) and not high.keep[2:].all() or high.keep.all()
+        assert {0, 1, 2, 3} <= always(pooled) and (pooled.weight[4:][pooled.keep[4:]] == 4.0).all()  # the pool's mean
+    annealed = SAMPLE_RULES["infobatch"].fn(PoolStats(**base, threshold=2.2, anneal=True), 0.25, cfg, torch.Generator())
+    assert annealed.keep.all() and torch.equal(annealed.weight, torch.ones(b))
+    # rows below the threshold survive with probability r_s, weighted 1 / r_s
+    kept = [SAMPLE_RULES["infobatch"].fn(PoolStats(**base, threshold=2.2), 0.25, cfg, torch.Generator().manual_seed(s))
+            for s in range(2000)]
+    assert np.mean([float(k.keep[2:].float().mean()) for k in kept]) == pytest.approx(0.25, abs=0.02)
+    assert all((k.weight[2:][k.keep[2:]] == 4.0).all() for k in kept)
+
+
 def test_infobatch_fixed_weights_cancel_when_high_loss_rows_fill_k():
     """The finding behind the published rule: at b=8, r_s=0.25 and n_high >= K, no low-loss row is kept and every
     kept weight is the same, so the rescaling cancels in the weighted denominator."""

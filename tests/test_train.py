@@ -148,13 +148,47 @@ def test_same_seed_same_decisions(tmp_path, rows):
     assert all(m["prune/kept_samples"] < 1 for m in da)
 
 
+def test_a_pool_that_keeps_no_row_trains_nothing_and_the_step_is_skipped(tmp_path, rows):
+    """InfoBatch against the data set's mean can drop every row of a pool (all below the threshold, none drawn to
+    survive): the pool is an empty batch, and a step of such pools is skipped rather than failing."""
+    tok, ids, labels = rows
+    set_seed(0)
+    model = load_model(tiny_model_config())
+    cfg = make_cfg(tmp_path, dict(sample="infobatch", token="random", sample_ratio=0.01))
+    pool = select_pool(model, collate(ids[:8], labels[:8], tok.pad_token_id), cfg, torch.Generator().manual_seed(0),
+                       threshold=1e9)
+    assert pool.batch.input_ids.shape[0] == 0 and int(pool.loss_tokens) == 0 and not pool.sel.keep.any()
+    from accelerate import Accelerator
+
+    assert learn(Accelerator(cpu=True), model, [pool], cfg).skipped
+
+
+def test_infobatch_keeps_a_data_set_score_table_and_anneals_the_last_steps(tmp_path, rows):
+    """Published InfoBatch in the loop: every scored row's loss enters the score table (saved in the checkpoint's
+    TrainState), the threshold of a step is the table's mean before it, and the last round(steps x anneal) steps
+    keep every row. 15 rows in pools of 8 for 4 epochs: 8 steps, the last 2 anneal at anneal=0.25."""
+    from qtuning.checkpoints import TrainState
+
+    cfg = make_cfg(tmp_path, dict(sample="infobatch", token="random", anneal=0.25), epochs=4, checkpoint_every_steps=4,
+                   keep_checkpoints_after_training=True)
+    summary = train(cfg, progress=False)
+    assert summary["optimizer_steps"] == 8
+    metrics = _decisions(Path(cfg.training.output_dir, "metrics.jsonl"))
+    kept = [m["prune/kept_samples"] for m in metrics]
+    assert kept[-2:] == [1.0, 1.0] and min(kept[:-2]) < 1.0, kept
+    saved = TrainState(**json.loads(Path(cfg.training.output_dir, "checkpoints", "step-8", "trainer_state.json").read_text()))
+    assert sorted(map(int, saved.seen_loss)) == list(range(summary["data_rows"]))  # every row of the data set, by index
+    assert all(0 < v < 20 for v in saved.seen_loss.values())
+
+
 class Stop(Exception):
     pass
 
 
 @pytest.mark.numerics
-def test_resume_after_a_stop_continues_with_identical_decisions(tmp_path, rows):
-    pruning = dict(sample="qtuning", token="qtuning")
+@pytest.mark.parametrize("pruning", [dict(sample="qtuning", token="qtuning"), dict(sample="infobatch", token="random")],
+                         ids=["qtuning", "infobatch"])  # infobatch: its score table comes back with the checkpoint
+def test_resume_after_a_stop_continues_with_identical_decisions(tmp_path, rows, pruning):
     ref = make_cfg(tmp_path / "ref", pruning, checkpoint_every_steps=2)
     train(ref, progress=False)
 
