@@ -252,7 +252,9 @@ def comparison_table(
     Each arm is a mapping with `name`, `scores` ({benchmark: percent}), `average`, `loss_tokens` and
     `loop_seconds`. `baseline` names the full-data arm (default: the arm named 'full', else the first);
     ratio_to_full = average / the baseline's average. Optional, and added as columns when an arm has them:
-    `budget` (the arm's pruning.budget: a `budget` column), `heldout_loss` (mean NLL per response token of the
+    `budget` (the arm's pruning.budget: a `budget` column), `kept_rows` (the share of its pools' rows it trained:
+    its sample budget as spent), `rules` ("sample/token": with a Q-Tuning arm among three or more, a
+    `tokens_vs_qtuning` column, each arm's loss tokens over Q-Tuning's), `heldout_loss` (mean NLL per response token of the
     rows held out of training, measured after training: a `heldout_loss` column, lower is better), `stderr` ({benchmark: lm-eval's standard error,
     points}: `<benchmark>_stderr` columns) and `samples` (per-item correctness, see `paired_bootstrap`): when
     the baseline and an arm both have them, `<benchmark>_diff/_lo/_hi` and `diff/diff_lo/diff_hi` (the
@@ -271,6 +273,9 @@ def comparison_table(
     with_stderr = any(a.get("stderr") for a in arms)
     with_heldout = any(a.get("heldout_loss") is not None for a in arms)
     base_samples = base.get("samples")
+    with_kept = any(a.get("kept_rows") is not None for a in arms)
+    qt = next((a for a in arms if a.get("rules") == "qtuning/qtuning" and a.get("loss_tokens")), None)
+    qt_tokens = int(qt["loss_tokens"]) if qt is not None and len(arms) > 2 else 0  # worth a column beside other pruned arms
     rows = []
     for a in arms:
         row: dict[str, Any] = {"arm": a["name"]}
@@ -291,6 +296,10 @@ def comparison_table(
             row["heldout_loss"] = float(a["heldout_loss"]) if a.get("heldout_loss") is not None else math.nan
         if a.get("budget_tokens"):  # equal_tokens: the share of its budget the arm reached
             row["budget_share"] = row["loss_tokens"] / int(a["budget_tokens"])
+        if with_kept:  # the sample budget each arm spent, and its loss tokens against Q-Tuning's
+            row["kept_rows"] = float(a["kept_rows"]) if a.get("kept_rows") is not None else math.nan
+        if qt_tokens:
+            row["tokens_vs_qtuning"] = row["loss_tokens"] / qt_tokens if row["loss_tokens"] else math.nan
         if base_samples is not None and a.get("samples") is not None and a["name"] != baseline:
             boot = paired_bootstrap(a["samples"], base_samples, n_resamples=n_resamples, seed=seed)
             for b, r in boot.iterrows():
@@ -403,6 +412,8 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
             return f"{v:.3f}"
         if col == "loss_tokens":
             return f"{int(v):,}"
+        if col in ("kept_rows", "tokens_vs_qtuning"):
+            return f"{v:.0%}"
         if col == "loop_seconds":
             return f"{v:.1f}"
         if col == "heldout_loss":

@@ -43,6 +43,9 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
         budget=pruning.budget if pruning is not None and not pruning.is_full_data else None,
         heldout_loss=trained.summary.get("heldout_loss") if trained else None,
         budget_tokens=trained.summary.get("budget_tokens") if trained else None,
+        rules=f"{pruning.sample}/{pruning.token}" if pruning is not None else None,
+        kept_rows=trained.summary["samples_trained"] / trained.summary["samples_seen"]
+        if trained and trained.summary.get("samples_seen") else None,
         selection_path=str(Path(trained.output_dir) / "selection.parquet")
         if trained and (Path(trained.output_dir) / "selection.parquet").exists() else None,
         model_uri=run.client.get_run(run.run_id).data.tags.get("qtuning.model_uri"),

@@ -106,6 +106,8 @@ class ArmResult(BaseModel):
     stderr: dict[str, float] = {}  # benchmark -> lm-eval's standard error of the score, points
     budget: str | None = None  # the arm's pruning.budget (own | equal_tokens); None for full data and zero-shot
     budget_tokens: int | None = None  # equal_tokens: the loss tokens Q-Tuning would have trained on the arm's pools
+    rules: str | None = None  # "<sample>/<token>" of the arm's pruning (None for zero-shot)
+    kept_rows: float | None = None  # its sample budget as spent: rows trained / rows its pools held
     heldout_loss: float | None = None  # mean NLL per response token of the held-out rows after training (None: no split)
     selection_path: str | None = None  # the arm's selection log (selection.parquet), for the parent run's figures
     model_uri: str | None = None  # the logged model (pipeline.log_model), for pipeline.register_best

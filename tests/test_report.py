@@ -68,6 +68,21 @@ def md_cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+def test_every_arm_names_its_sample_budget_and_its_tokens_against_qtunings():
+    """InfoBatch keeps a random number of rows, more than Q-Tuning's K: the table says what each arm spent
+    (kept_rows) and how its loss tokens compare with Q-Tuning's (tokens_vs_qtuning)."""
+    arms = [{**ARMS[0], "rules": "all/all", "kept_rows": 1.0},
+            {**ARMS[1], "rules": "qtuning/qtuning", "kept_rows": 0.25},
+            {**ARMS[1], "name": "infobatch", "rules": "infobatch/random", "kept_rows": 0.62, "loss_tokens": 310}]
+    table = comparison_table(arms)
+    assert table["kept_rows"].tolist() == [1.0, 0.25, 0.62]
+    assert table.at["infobatch", "tokens_vs_qtuning"] == pytest.approx(310 / 125) and table.at["qt", "tokens_vs_qtuning"] == 1.0
+    text = format_table(table)
+    row = next(line for line in text.splitlines() if line.startswith("infobatch"))
+    assert "62%" in row and "248%" in row
+    assert "tokens_vs_qtuning" not in comparison_table(arms[:2]).columns  # two arms: the ratio to full says it
+
+
 def test_comparison_table_refuses_an_unknown_baseline():
     with pytest.raises(ValueError, match="baseline arm 'nope'"):
         comparison_table(ARMS, baseline="nope")
