@@ -1,10 +1,12 @@
 """The seeded reference runs of tests/test_reference_run.py: how a run's pruning decisions are captured, replayed
 and recorded.
 
-`tests/data/reference_run.json` holds, for each of four configs (Q-Tuning per sample; Q-Tuning batch_global
-over two accumulated pools of 16; InfoBatch + random tokens; full data), every call of the pruning stages
+`tests/data/reference_run.json` holds, for each of five configs (Q-Tuning per sample; Q-Tuning batch_global
+over two accumulated pools of 16; pool-local InfoBatch + random tokens; InfoBatch as published + random tokens,
+with its score table's threshold and annealing; full data), every call of the pruning stages
 (`qtuning.pruning.prune_pool`) with its inputs (the pool's rows and labels, the sample scores PPL and Ent and
-the response tokens' NLLs as the scoring forward computed them, the pool's generator seed) and its decisions
+the response tokens' NLLs as the scoring forward computed them, the pool's generator seed, the loop's threshold
+and annealing flag) and its decisions
 (rows kept, quadrants, fill-ins, weights, which response tokens were pruned), and every step's metrics but the
 wall-clock ones.
 
@@ -67,6 +69,8 @@ def encode_call(stats, labels: torch.Tensor, nll: torch.Tensor | None, attention
         "ppl": _floats(stats.ppl),
         "ent": _floats(stats.ent),
         "nll": None if nll is None else [[float(x) for x in nll[r].cpu()[labels[r] != IGNORE]] for r in range(len(lengths))],
+        "threshold": stats.threshold,  # what the loop knew beyond the pool (InfoBatch's score table, its annealing)
+        "anneal": stats.anneal,
         "decision": encode_decision(labels, decision),
     }
 
@@ -87,7 +91,8 @@ def replay(call: dict, pruning) -> dict:
             nll[r, : len(row)][labels[r, : len(row)] != IGNORE] = torch.tensor(call["nll"][r], dtype=torch.float32)
     as_tensor = lambda x: None if x is None else torch.tensor(x, dtype=torch.float32)  # noqa: E731
     stats = PoolStats(lengths=mask.sum(1), response_lengths=(labels[:, 1:] != IGNORE).sum(1),
-                      ppl=as_tensor(call["ppl"]), ent=as_tensor(call["ent"]))
+                      ppl=as_tensor(call["ppl"]), ent=as_tensor(call["ent"]),
+                      threshold=call.get("threshold"), anneal=call.get("anneal", False))
     gen = torch.Generator().manual_seed(call["generator_seed"])
     return encode_decision(labels, prune_pool(stats, labels, nll, mask, pruning, gen))
 

@@ -166,7 +166,7 @@ def test_first_comparison_table(first_run, first):
     # issue 10: the arm's budget, each score with lm-eval's standard error, the difference to full with its
     # interval (paired bootstrap on the logged items), and notes on what one item per benchmark can separate
     assert header[: 2 + len(BENCHMARKS)] == ["arm", "budget", *BENCHMARKS]
-    assert header[-4:] == ["ratio_to_full", "loss_tokens", "loop_seconds", "heldout_loss"]
+    assert header[-5:] == ["ratio_to_full", "loss_tokens", "loop_seconds", "heldout_loss", "kept_rows"]
     assert all(row["heldout_loss"] > 0 for row in rows.values())
     assert "1 item per benchmark" in first.table and "too few to separate the arms" in first.table
     assert rows["qtuning-25x50"]["budget"] == "own" and "diff_lo" in rows["qtuning-25x50"]
