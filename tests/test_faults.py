@@ -646,3 +646,10 @@ def test_the_guard_runs_ours_from_a_folder_holding_commands_and_tasks_modules(tm
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not (tmp_path / "shadowed").exists()
+    # and the command itself, as a user types it there: the console script imports ours, not the folder's
+    (tmp_path / "flows.py").write_text((tmp_path / "tasks.py").read_text())
+    qtuning = Path(sys.executable).with_name("qtuning")
+    for args in (["--version"], ["run", "--print-config"], ["sweep", str(REPO / "configs" / "sweeps" / "baselines.yaml"), "--list"]):
+        res = subprocess.run([str(qtuning), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, (args, res.stderr[-2000:])
+    assert not (tmp_path / "shadowed").exists()
