@@ -329,18 +329,19 @@ def marked(table: pd.DataFrame, arm: Any, prefix: str = "") -> bool:
     return not math.isnan(p) and p < 1 - BOOTSTRAP_LEVEL
 
 
-def _signed(v: float) -> str:
-    return f"{v:+.2f}"
+def _signed(v: float, digits: int = 2) -> str:
+    return f"{v:+.{digits}f}"
 
 
-def _interval(table: pd.DataFrame, arm: Any, prefix: str) -> str:
+def _interval(table: pd.DataFrame, arm: Any, prefix: str, digits: int = 2) -> str:
     """'+1.25 [-3.00, +5.50]*' (the * when the difference's test survives Holm's correction across the table),
     or '' where the arm has none."""
     d = table.at[arm, f"{prefix}diff"]
     if isinstance(d, float) and math.isnan(d):
         return ""
     lo, hi = table.at[arm, f"{prefix}diff_lo"], table.at[arm, f"{prefix}diff_hi"]
-    return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]" + ("*" if marked(table, arm, prefix) else "")
+    return (f"{_signed(d, digits)} [{_signed(lo, digits)}, {_signed(hi, digits)}]"
+            + ("*" if marked(table, arm, prefix) else ""))
 
 
 def budget_notes(table: pd.DataFrame, tolerance: float = 0.005) -> list[str]:
@@ -534,64 +535,127 @@ def seeded_difference(
             "p": float(p), "seeds": min(k_arm, len(base)), "n_items": len(common)}
 
 
+def seeded_loss_difference(
+    arm: Sequence[pd.DataFrame], base: Sequence[pd.DataFrame], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+    level: float = BOOTSTRAP_LEVEL,
+) -> dict[str, float]:
+    """An arm's held-out loss minus the baseline's (negative: the arm fits the held-out rows better), with the
+    same two sources of noise as `seeded_difference`: `arm` and `base` hold one table per training seed of the
+    final held-out measurement row by row (sample_id, nll: summed over the row's response tokens, tokens). Each
+    resample draws the seeds of each side with replacement and the held-out rows with replacement (the same
+    rows for every run: each run measured the same rows); a run's loss on a resample is its NLL over its
+    tokens on the drawn rows, as the loss itself is (a mean per token, not per row).
+
+    Returns diff (mean over seeds of each side, exact), lo, hi (percentile interval), p (two-sided, as in
+    `seeded_difference`), seeds and n_rows."""
+    runs = [x.set_index("sample_id")[["nll", "tokens"]] for x in (*arm, *base)]
+    common = runs[0].index
+    for r in runs[1:]:
+        common = common.intersection(r.index)
+    if common.empty:
+        raise ValueError("seeded_loss_difference: the runs share no held-out row (sample_id)")
+    common = common.sort_values()
+    nll = np.stack([r.loc[common, "nll"].to_numpy(float) for r in runs])  # (runs, rows)
+    tokens = np.stack([r.loc[common, "tokens"].to_numpy(float) for r in runs])
+    n, k_arm = len(common), len(arm)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples)  # (R, n): the row draw
+    per_run = (nll @ counts.T) / (tokens @ counts.T)  # (runs, R): each run's loss on each resample's rows
+    cols = np.arange(n_resamples)[:, None]
+    pick_a = rng.integers(0, k_arm, size=(n_resamples, k_arm))
+    pick_b = k_arm + rng.integers(0, len(base), size=(n_resamples, len(base)))
+    d = per_run[pick_a, cols].mean(1) - per_run[pick_b, cols].mean(1)
+    loss = nll.sum(1) / tokens.sum(1)
+    tail = (1 - level) / 2 * 100
+    p = max(1 / (n_resamples + 1), min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+    return {"diff": float(loss[:k_arm].mean() - loss[k_arm:].mean()), "lo": float(np.percentile(d, tail)),
+            "hi": float(np.percentile(d, 100 - tail)), "p": float(p), "seeds": min(k_arm, len(base)), "n_rows": n}
+
+
 def sweep_table(rows: Sequence[Mapping[str, Any]], baseline: str = "full", n_resamples: int = BOOTSTRAP_RESAMPLES,
                 seed: int = 0) -> pd.DataFrame:
     """`rows`: one per (arm, seed) with name, seed, scores (dict), average, loss_tokens, loop_seconds, and
-    optionally `samples` (per-item correctness): then each arm's difference to the baseline over seeds and items
-    together (`seeded_difference`: diff, diff_lo, diff_hi, diff_p), and diff_p_holm, corrected across the arms
-    (Holm): a difference is marked only where that stays under 5%."""
+    optionally `samples` (per-item correctness), `heldout_loss` and `heldout` (the held-out rows' sample_id, nll,
+    tokens). With per-item results, each arm's difference to the baseline on the average over seeds and items
+    together (`seeded_difference`: diff, diff_lo, diff_hi, diff_p); with held-out rows, its held-out loss
+    difference over seeds and rows (`seeded_loss_difference`: heldout_diff, heldout_diff_lo, ...). Both measures
+    of every arm form one family, corrected with Holm (`*_p_holm`): a difference is marked only where that stays
+    under 5%."""
     flat = pd.DataFrame(
         [
             {"arm": r["name"], "seed": r["seed"], **dict(r["scores"]), "average": r["average"],
-             "loss_tokens": r["loss_tokens"], "loop_seconds": r["loop_seconds"]}
+             "loss_tokens": r["loss_tokens"], "loop_seconds": r["loop_seconds"],
+             "heldout_loss": math.nan if r.get("heldout_loss") is None else float(r["heldout_loss"])}
             for r in rows
         ]
     )
     order = list(dict.fromkeys(flat["arm"]))  # first-seen order: the baseline, then the sweep's arms
-    benchmarks = [b for b in BENCHMARKS if b in flat] + [c for c in flat if c not in (*BENCHMARKS, "arm", "seed", "average", "loss_tokens", "loop_seconds")]
+    extra = ("arm", "seed", "average", "loss_tokens", "loop_seconds", "heldout_loss")
+    benchmarks = [b for b in BENCHMARKS if b in flat] + [c for c in flat if c not in (*BENCHMARKS, *extra)]
+    with_heldout = bool(flat["heldout_loss"].notna().any())
     g = flat.groupby("arm", sort=False)
-    table = g[benchmarks + ["average", "loss_tokens", "loop_seconds"]].mean()
-    table["average_sd"] = g["average"].std(ddof=1).fillna(0.0) if len(flat) > len(order) else 0.0
+    measures = ["average", "loss_tokens", "loop_seconds"] + (["heldout_loss"] if with_heldout else [])
+    table = g[benchmarks + measures].mean()
+    several = len(flat) > len(order)
+    table["average_sd"] = g["average"].std(ddof=1).fillna(0.0) if several else 0.0
+    if with_heldout:
+        table["heldout_loss_sd"] = g["heldout_loss"].std(ddof=1).fillna(0.0) if several else 0.0
     table["seeds"] = g["seed"].nunique()
     base = table.loc[baseline, "average"] if baseline in table.index else float("nan")
     table["ratio_to_full"] = table["average"] / base if base else float("nan")
     cols = benchmarks + ["average", "average_sd", "ratio_to_full", "loss_tokens", "loop_seconds", "seeds"]
+    if with_heldout:
+        cols.insert(cols.index("ratio_to_full") + 1, "heldout_loss")
+        cols.insert(cols.index("heldout_loss") + 1, "heldout_loss_sd")
     table = table.loc[order, cols]
-    samples: dict[str, list] = {}
+    by_arm: dict[str, dict[str, list]] = {"samples": {}, "heldout": {}}
     for r in rows:
-        if r.get("samples") is not None:
-            samples.setdefault(r["name"], []).append(r["samples"])
-    if baseline in samples:
+        for key in by_arm:
+            if r.get(key) is not None:
+                by_arm[key].setdefault(r["name"], []).append(r[key])
+    family: dict[tuple[str, str], float] = {}
+    for key, prefix, difference in (("samples", "", seeded_difference), ("heldout", "heldout_", seeded_loss_difference)):
+        runs = by_arm[key]
+        if baseline not in runs:
+            continue
         for arm in order:
-            if arm != baseline and arm in samples:
-                d = seeded_difference(samples[arm], samples[baseline], n_resamples=n_resamples, seed=seed)
+            if arm != baseline and arm in runs:
+                d = difference(runs[arm], runs[baseline], n_resamples=n_resamples, seed=seed)
                 for k in ("diff", "lo", "hi", "p"):
-                    table.loc[arm, "diff" if k == "diff" else f"diff_{k}"] = d[k]
-        if "diff_p" in table.columns:
-            for arm, p in holm(table["diff_p"].dropna().to_dict()).items():
-                table.loc[arm, "diff_p_holm"] = p
-    table.attrs.update(baseline=baseline, n_resamples=n_resamples)
+                    table.loc[arm, f"{prefix}diff" if k == "diff" else f"{prefix}diff_{k}"] = d[k]
+                family[(arm, prefix)] = d["p"]
+    for (arm, prefix), p in holm(family).items():
+        table.loc[arm, f"{prefix}diff_p_holm"] = p
+    table.attrs.update(baseline=baseline, n_resamples=n_resamples, tests=len(family))
     return table
 
 
 def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
     """The sweep's table; with per-item results, a `vs <baseline>` column (the difference over seeds and items,
-    its interval, * where it survives Holm's correction across the arms) and a note on how it was made."""
+    its interval, * where it survives Holm's correction); with per-row held-out losses, a `heldout vs
+    <baseline>` column the same way; and a note on how they were made."""
     several = int(table["seeds"].max()) > 1
-    hidden = ("average_sd", "seeds", "diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm")
+    base = table.attrs.get("baseline", "full")
+    hidden = ("average_sd", "heldout_loss_sd", "seeds", "diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm",
+              "heldout_diff", "heldout_diff_lo", "heldout_diff_hi", "heldout_diff_p", "heldout_diff_p_holm")
     header = ["arm", *[c for c in table.columns if c not in hidden], "seeds"]
-    with_diff = "diff" in table.columns
-    if with_diff:
-        header.insert(header.index("average") + 1, f"vs {table.attrs.get('baseline', 'full')}")
+    if "diff" in table.columns:
+        header.insert(header.index("average") + 1, f"vs {base}")
+    if "heldout_diff" in table.columns:
+        header.insert(header.index("heldout_loss") + 1, f"heldout vs {base}")
     lines = []
     for arm, r in table.iterrows():
         cells = [str(arm)]
         for c in header[1:-1]:
             v = r[c] if c in r.index else None
-            if c.startswith("vs "):
+            if c == f"vs {base}":
                 cells.append("-" if pd.isna(r["diff"]) else _interval(table, arm, ""))
+            elif c == f"heldout vs {base}":
+                cells.append("-" if pd.isna(r["heldout_diff"]) else _interval(table, arm, "heldout_", digits=3))
             elif c == "average" and several:
                 cells.append(f"{v:.2f} ± {r['average_sd']:.2f}")
+            elif c == "heldout_loss":
+                cells.append("" if pd.isna(v) else f"{v:.3f} ± {r['heldout_loss_sd']:.3f}" if several else f"{v:.3f}")
             elif c == "ratio_to_full":
                 cells.append("" if pd.isna(v) else f"{v:.3f}")
             elif c == "loss_tokens":
@@ -603,36 +667,48 @@ def format_sweep_table(table: pd.DataFrame, markdown: bool = False) -> str:
         cells.append(str(int(r["seeds"])))
         lines.append(cells)
     text = _render(header, lines, markdown)
-    if with_diff:
-        text += ("\n\nvs " + str(table.attrs.get("baseline", "full")) + ": the difference of the average, resampled over "
-                 f"training seeds and items together ({table.attrs.get('n_resamples', BOOTSTRAP_RESAMPLES)} resamples, "
-                 f"{BOOTSTRAP_LEVEL:.0%} interval); * where it stays under {1 - BOOTSTRAP_LEVEL:.0%} after Holm's "
-                 "correction across the arms. ± after an average: its standard deviation over seeds.")
+    notes = []
+    if "diff" in table.columns:
+        notes.append(f"vs {base}: the difference of the average, resampled over training seeds and items together")
+    if "heldout_diff" in table.columns:
+        notes.append(f"heldout vs {base}: the difference of the held-out loss (per response token; negative: the arm "
+                     "fits the held-out rows better), resampled over training seeds and held-out rows together")
+    if notes:
+        text += ("\n\n" + "; ".join(notes) + f" ({table.attrs.get('n_resamples', BOOTSTRAP_RESAMPLES)} resamples, "
+                 f"{BOOTSTRAP_LEVEL:.0%} intervals); * where the difference stays under {1 - BOOTSTRAP_LEVEL:.0%} after "
+                 f"Holm's correction across the {table.attrs.get('tests', '')} tests of the table (every arm, every "
+                 "measure). ± after a mean: its standard deviation over seeds.")
     return text
 
 
 def sweep_figure(table: pd.DataFrame, baseline: str = "full"):
-    """Average score against tokens that carried loss; the baseline is a star with a dashed level line."""
+    """Average score against tokens that carried loss, and beside it the held-out loss against them where the
+    sweep measured one; one point per arm (± its sd over seeds), the baseline a star with a dashed level line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, r in table.iterrows():
-        is_base = arm == baseline
-        ax.errorbar(
-            r["loss_tokens"], r["average"], yerr=r["average_sd"] if r["seeds"] > 1 else None,
-            fmt="*" if is_base else "o", ms=14 if is_base else 7, capsize=3,
-            color="black" if is_base else None, label=f"{arm} (full data)" if is_base else arm,
-        )
-        if is_base:
-            ax.axhline(r["average"], color="black", ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens that carried loss (log)")
-    ax.set_ylabel("average benchmark score (%)")
-    ax.set_title("Score against training tokens, one point per arm")
-    ax.legend(fontsize=7, loc="best")
+    panels = [("average", "average_sd", "average benchmark score (%)", "Score against training tokens")]
+    if "heldout_loss" in table.columns and table["heldout_loss"].notna().any():
+        panels.append(("heldout_loss", "heldout_loss_sd", "held-out loss (NLL per token, lower is better)",
+                       "Held-out loss against training tokens"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (col, sd, ylabel, title) in zip(axes[0], panels):
+        for arm, r in table.iterrows():
+            is_base = arm == baseline
+            ax.errorbar(
+                r["loss_tokens"], r[col], yerr=r[sd] if r["seeds"] > 1 else None,
+                fmt="*" if is_base else "o", ms=14 if is_base else 7, capsize=3,
+                color="black" if is_base else None, label=f"{arm} (full data)" if is_base else arm,
+            )
+            if is_base:
+                ax.axhline(r[col], color="black", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens that carried loss (log)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, one point per arm")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 

@@ -65,6 +65,8 @@ from qtuning.selection import SelectionLog, log_rows
 from qtuning.step_metrics import MetricsFile, record_step
 from qtuning.stopping import StopRequest, stop_early
 
+HELDOUT_ROWS_FILE = "heldout_rows.jsonl"  # the run folder's final held-out loss per row (write_heldout_rows)
+
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -270,29 +272,44 @@ class InfoBatchScores:
 
 
 # --------------------------------------------------------------------------- what the run shows besides the loss
-def heldout_batches(data: SFTData, size: int, pad_id: int, device) -> list[Batch]:
-    """The held-out rows (never trained on) as padded batches of `size`, longest first (less padding)."""
+def heldout_batches(data: SFTData, size: int, pad_id: int, device) -> tuple[list[Batch], list[str]]:
+    """The held-out rows (never trained on) as padded batches of `size`, longest first (less padding), and
+    their sample ids in that order."""
     if data.heldout is None:
-        return []
+        return [], []
     ids, labels = list(data.heldout["input_ids"]), list(data.heldout["labels"])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    return [collate([ids[i] for i in order[s : s + size]], [labels[i] for i in order[s : s + size]], pad_id).to(device)
-            for s in range(0, len(order), size)]
+    sample_ids = list(data.heldout["sample_id"])
+    batches = [collate([ids[i] for i in order[s : s + size]], [labels[i] for i in order[s : s + size]], pad_id).to(device)
+               for s in range(0, len(order), size)]
+    return batches, [sample_ids[i] for i in order]
 
 
-def heldout_metrics(model, batches: list[Batch], cfg: ExperimentConfig) -> dict[str, float]:
+def heldout_metrics(model, batches: list[Batch], cfg: ExperimentConfig) -> tuple[dict[str, float], np.ndarray]:
     """eval/loss (mean NLL per held-out response token) and eval/ppl, by the no-grad scoring forward (LM head
-    chunked over positions). Every process measures every row (a few forwards), so no collective is needed."""
+    chunked over positions), and each row's (NLL sum, response tokens) in batch order: what a comparison
+    resamples to put an interval on the held-out loss. Every process measures every row (a few forwards), so
+    no collective is needed."""
     model.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64, device=batches[0].input_ids.device)
-    n_tokens = torch.zeros((), dtype=torch.long, device=nll_sum.device)
+    per_row = []
     for b in batches:
         scores = score_tokens(model, b.input_ids, b.attention_mask, b.labels, chunk_tokens=cfg.training.score_chunk_tokens,
                               layout=cfg.training.layout, pack_tokens=cfg.training.pack_tokens)
-        nll_sum += scores.nll.sum().double()
-        n_tokens += scores.response_mask.sum()
-    loss = float(nll_sum / n_tokens.clamp(min=1))  # one host sync
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 80.0)), "eval/tokens": int(n_tokens)}
+        mask = scores.response_mask
+        per_row.append(torch.stack([(scores.nll.double() * mask).sum(1), mask.sum(1).double()], 1))
+    rows = torch.cat(per_row).cpu().numpy()  # one host sync
+    nll_sum, n_tokens = float(rows[:, 0].sum()), int(rows[:, 1].sum())
+    loss = nll_sum / max(n_tokens, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 80.0)), "eval/tokens": n_tokens}, rows
+
+
+def write_heldout_rows(path: Path, sample_ids: list[str], rows: np.ndarray) -> None:
+    """The final held-out measurement per row (sample_id, nll: summed over its response tokens, tokens), JSON lines."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for sid, (nll, tokens) in zip(sample_ids, rows.tolist()):
+            f.write(json.dumps({"sample_id": sid, "nll": nll, "tokens": int(tokens)}) + "\n")
+    tmp.replace(path)
 
 
 def selection_rows(step: int, pools: list[Pruned], pool_ids: list[int], rows_of: Callable[[int], np.ndarray],
@@ -462,8 +479,9 @@ def train(
     log_fn = with_trackers(accelerator, cfg, log_fn)
     sample_ids = list(data.dataset["sample_id"])
     response_tokens = np.asarray(data.dataset["response_length"]) - np.asarray([l[0] != IGNORE for l in all_labels])
-    heldout = heldout_batches(data, t.micro_batch_size, tokenizer.pad_token_id, device)
+    heldout, heldout_ids = heldout_batches(data, t.micro_batch_size, tokenizer.pad_token_id, device)
     eval_metrics: dict[str, float] = {}
+    heldout_rows = None  # the last measurement's per-row NLL sums and token counts
 
     epoch_pools: dict[int, list[np.ndarray]] = {}
 
@@ -520,7 +538,7 @@ def train(
             infobatch.update(accelerator, [pool_rows(i) for i in pool_ids], pools, t.grad_accum_steps * cfg.pool_size)
         if heldout and (state.step == total_steps or (t.eval_every_steps and state.step % t.eval_every_steps == 0)):
             with accelerator.autocast():
-                eval_metrics = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
+                eval_metrics, heldout_rows = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
             metrics.update(eval_metrics)
         if state.step % t.log_every_steps == 0 or state.step == total_steps or "eval/loss" in metrics:
             if metrics_file:
@@ -539,7 +557,9 @@ def train(
     selection.close()
     if heldout and not eval_metrics:  # resumed at the end: nothing ran, measure once
         with accelerator.autocast():
-            eval_metrics = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
+            eval_metrics, heldout_rows = heldout_metrics(model, heldout, cfg)  # the prepared model, as in scoring
+    if heldout_rows is not None and accelerator.is_main_process:
+        write_heldout_rows(out / HELDOUT_ROWS_FILE, heldout_ids, heldout_rows)
     summary = {
         "optimizer_steps": state.step,
         "final_loss": state.last_loss,

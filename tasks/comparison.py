@@ -26,6 +26,7 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
 
     from qtuning.config import ExperimentConfig, load_yaml
     from qtuning.evaluation.results import headline_stderrs
+    from qtuning.train import HELDOUT_ROWS_FILE
 
     stderr = headline_stderrs(json.loads(Path(evaluated.results_path).read_text()))
     pruning = load_yaml(ExperimentConfig, trained.config_path).pruning if trained else None
@@ -46,6 +47,8 @@ def arm_result(name: str, run: RunRef, evaluated: EvalRecord, trained: TrainReco
         rules=f"{pruning.sample}/{pruning.token}" if pruning is not None else None,
         kept_rows=trained.summary["samples_trained"] / trained.summary["samples_seen"]
         if trained and trained.summary.get("samples_seen") else None,
+        heldout_rows_path=str(Path(trained.output_dir) / HELDOUT_ROWS_FILE)
+        if trained and (Path(trained.output_dir) / HELDOUT_ROWS_FILE).exists() else None,
         selection_path=str(Path(trained.output_dir) / "selection.parquet")
         if trained and (Path(trained.output_dir) / "selection.parquet").exists() else None,
         model_uri=run.client.get_run(run.run_id).data.tags.get("qtuning.model_uri"),
@@ -138,6 +141,16 @@ def _samples(path: str | None):
     return pd.read_json(path, lines=True)[["task", "doc_id", "correct"]]
 
 
+def _heldout(path: str | None):
+    """An arm's final held-out measurement row by row (sample_id, nll, tokens), or None where it has none."""
+    import pandas as pd
+    from pathlib import Path
+
+    if not path or not Path(path).exists() or not Path(path).stat().st_size:
+        return None
+    return pd.read_json(path, lines=True, dtype={"sample_id": str})[["sample_id", "nll", "tokens"]]
+
+
 def _num(v) -> float | None:
     v = float(v)
     return None if math.isnan(v) else v
@@ -147,7 +160,8 @@ def _num(v) -> float | None:
 def summarize_sweep(parent: RunRef, results: list[tuple[int, ArmResult]], baseline: str = "full") -> SweepResult:
     """Aggregate the (seed, arm) results; log the table and the plot to MLflow and to Prefect's artifacts."""
     rows = [{**r.model_dump(), "seed": seed} for seed, r in results]
-    table = sweep_table([{**row, "samples": _samples(row.get("eval_samples_path"))} for row in rows], baseline=baseline)
+    table = sweep_table([{**row, "samples": _samples(row.get("eval_samples_path")), "heldout": _heldout(row.get("heldout_rows_path"))}
+                         for row in rows], baseline=baseline)
     text, markdown = format_sweep_table(table), format_sweep_table(table, markdown=True)
     get_run_logger().info("sweep:\n" + text)
     log_text(parent, text + "\n", "sweep/table.txt")
@@ -155,9 +169,11 @@ def summarize_sweep(parent: RunRef, results: list[tuple[int, ArmResult]], baseli
     parent.client.log_table(parent.run_id, data=table.reset_index(), artifact_file="sweep/table.json")
     tmp_artifact(parent, "sweep/score_vs_tokens.png", lambda p: sweep_figure(table, baseline).savefig(p, dpi=120))
     for arm, r in table.iterrows():
-        diffs = {f"sweep/{arm}/{c}": float(r[c]) for c in ("diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm")
-                 if c in r.index and not math.isnan(r[c])}
-        log_metrics(parent, {f"sweep/{arm}/average": r["average"], f"sweep/{arm}/average_sd": r["average_sd"],
+        diffs = {f"sweep/{arm}/{prefix}{c}": float(r[prefix + c]) for prefix in ("", "heldout_")
+                 for c in ("diff", "diff_lo", "diff_hi", "diff_p", "diff_p_holm")
+                 if prefix + c in r.index and not math.isnan(r[prefix + c])}
+        heldout = {f"sweep/{arm}/{c}": float(r[c]) for c in ("heldout_loss", "heldout_loss_sd") if c in r.index and not math.isnan(r[c])}
+        log_metrics(parent, {f"sweep/{arm}/average": r["average"], f"sweep/{arm}/average_sd": r["average_sd"], **heldout,
                              f"sweep/{arm}/ratio_to_full": r["ratio_to_full"], f"sweep/{arm}/loss_tokens": r["loss_tokens"],
                              **diffs})
     set_tags(parent, {"mlflow.note.content": f"Sweep of {len(table)} arms x {int(table['seeds'].max())} seed(s)\n\n{markdown}"})

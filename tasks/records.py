@@ -109,6 +109,7 @@ class ArmResult(BaseModel):
     rules: str | None = None  # "<sample>/<token>" of the arm's pruning (None for zero-shot)
     kept_rows: float | None = None  # its sample budget as spent: rows trained / rows its pools held
     heldout_loss: float | None = None  # mean NLL per response token of the held-out rows after training (None: no split)
+    heldout_rows_path: str | None = None  # the same, row by row (sample_id, nll, tokens): what a sweep resamples
     selection_path: str | None = None  # the arm's selection log (selection.parquet), for the parent run's figures
     model_uri: str | None = None  # the logged model (pipeline.log_model), for pipeline.register_best
 

@@ -14,7 +14,7 @@ from qtuning.data import build_sft_dataset, load_rows, write_rows
 from qtuning.modeling import load_tokenizer, tiny_model_config
 from qtuning.report import eu_plane_at_steps, kept_ids, migration_figure, quadrant_transitions
 from qtuning.selection import COLUMNS, STAGING, read_selection
-from qtuning.train import train
+from qtuning.train import HELDOUT_ROWS_FILE, train
 
 FULL = dict(sample="all", token="all", sample_ratio=1.0, token_ratio=1.0)
 
@@ -71,6 +71,12 @@ def test_the_heldout_rows_are_never_trained_and_their_loss_is_logged(reference):
     assert summary["heldout_rows"] <= 4 and summary["heldout_tokens"] > 0
     first = next(m for m in metrics if "eval/loss" in m)
     assert last["eval/loss"] < first["eval/loss"]  # lr 3e-3 on ARC pairs: the held-out loss moves
+    # the final measurement row by row: what a sweep resamples; its sums are the summary's loss
+    per_row = [json.loads(l) for l in Path(cfg.training.output_dir, HELDOUT_ROWS_FILE).read_text().splitlines()]
+    ids = [r["sample_id"] for r in per_row]
+    assert len(set(ids)) == len(ids) == summary["heldout_rows"] and set(ids) <= {e.sample_id for e in held}
+    assert sum(r["tokens"] for r in per_row) == summary["heldout_tokens"] and all(r["tokens"] > 0 for r in per_row)
+    assert sum(r["nll"] for r in per_row) / summary["heldout_tokens"] == pytest.approx(summary["heldout_loss"], rel=1e-9)
 
 
 def test_resume_neither_loses_nor_duplicates_rows(tmp_path, reference):

@@ -115,6 +115,46 @@ def test_seeds_widen_the_interval_and_the_mark_is_corrected_across_arms():
     assert "]*" in line["steady"] and "]*" not in line["shaky"] and "Holm" in text and "vs full" in text
 
 
+def _heldout(rng, shift: float, n: int = 120):
+    """One run's held-out rows: NLL sums of rows of 5-40 tokens, the per-token loss 1.5 + shift + row noise."""
+    import pandas as pd
+
+    tokens = np.random.default_rng(7).integers(5, 40, n)  # the same rows (and lengths) in every run
+    per_token = 1.5 + shift + rng.normal(0, 0.05, n)
+    return pd.DataFrame({"sample_id": [f"r{i}" for i in range(n)], "nll": per_token * tokens, "tokens": tokens})
+
+
+def test_heldout_loss_difference_is_resampled_over_seeds_and_rows_and_joins_the_correction():
+    """The held-out loss of an arm against full data: per token (NLL over tokens, not a mean of row means),
+    resampled over seeds and held-out rows; a clear gap is marked, one carried by one seed is not; the held-out
+    tests and the benchmark tests are one Holm family."""
+    from qtuning.report import seeded_loss_difference
+
+    rng = np.random.default_rng(0)
+    base = [_heldout(rng, 0.0) for _ in range(3)]
+    better = [_heldout(rng, -0.05) for _ in range(3)]
+    shaky = [_heldout(rng, s) for s in (-0.3, -0.05, 0.2)]
+    d = seeded_loss_difference(better, base, n_resamples=1000)
+    loss = lambda runs: np.mean([r["nll"].sum() / r["tokens"].sum() for r in runs])  # noqa: E731
+    assert d["diff"] == pytest.approx(loss(better) - loss(base)) and d["n_rows"] == 120 and d["seeds"] == 3
+    assert d["hi"] < 0 and d["p"] < 0.01
+    e = seeded_loss_difference(shaky, base, n_resamples=1000)
+    assert e["lo"] < 0 < e["hi"] and (e["hi"] - e["lo"]) > 5 * (d["hi"] - d["lo"])
+    # a row missing from one run is left out of every run: the runs are compared on the same rows
+    assert seeded_loss_difference([better[0].iloc[1:]], base[:1], n_resamples=100)["n_rows"] == 119
+    items = _per_item(rng, 0.5)
+    rows = [{"name": name, "seed": i, "scores": {"arc_easy": 50.0}, "average": 50.0, "loss_tokens": 10,
+             "loop_seconds": 1.0, "samples": items, "heldout": x, "heldout_loss": float(x["nll"].sum() / x["tokens"].sum())}
+            for name, runs in (("full", base), ("better", better), ("shaky", shaky)) for i, x in enumerate(runs)]
+    table = sweep_table(rows, baseline="full", n_resamples=1000)
+    assert table.attrs["tests"] == 4  # 2 arms x (benchmark average, held-out loss)
+    assert table.loc["better", "heldout_diff_p_holm"] == pytest.approx(min(1.0, 4 * table.loc["better", "heldout_diff_p"]))
+    assert table.loc["better", "heldout_loss"] == pytest.approx(loss(better))
+    text = format_sweep_table(table)
+    line = {ln.split()[0]: ln for ln in text.splitlines() if ln.split()}
+    assert "heldout vs full" in text and "]*" in line["better"] and "]*" not in line["shaky"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp_path, tiny_compare_config, prefect_server):
