@@ -49,6 +49,22 @@ def check_data(data: DataConfig, prog: str) -> int | None:
     return None
 
 
+def check_work_pool(pipeline, prog: str) -> int | None:
+    """With pipeline.work_pool: the server and the pool's experiment deployment checked now (tasks/fanout.py); an
+    exit code to stop with, naming what to run, or None when the arms can be submitted (or run here)."""
+    if not pipeline.work_pool:
+        return None
+    from qtuning.config import ConfigError
+    from tasks.fanout import check_pool
+
+    try:
+        check_pool(pipeline)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return None
+
+
 def guard_command(pid: int, uri: str) -> list[str]:
     """The guard's command line. `-m` would put the working directory first on sys.path, and a `commands.py`
     or `tasks.py` there would run instead of ours; -P (Python 3.11+) leaves it out."""
@@ -79,6 +95,16 @@ def guard_run(tracking_uri: str | None, prog: str) -> str:
         crashed = []
     for run_id, name, pid in crashed:
         print(f"{prog}: Prefect flow run {name} ({run_id}) was left RUNNING by process {pid}, which is gone: set CRASHED",
+              file=sys.stderr)
+    from tasks.flow_runs import close_runs_of_ended_flow_runs
+
+    try:  # any host's: a worker machine that died, its flow runs set CRASHED by the heartbeat automation
+        ended = close_runs_of_ended_flow_runs(uri)
+    except Exception as e:
+        print(f"{prog}: could not check the MLflow runs of ended flow runs: {e}", file=sys.stderr)
+        ended = []
+    for run_id, name, state in ended:
+        print(f"{prog}: MLflow run {name} ({run_id}) was RUNNING, but its Prefect flow run is {state}: ended",
               file=sys.stderr)
     subprocess.Popen(guard_command(os.getpid(), uri), start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experiment", metavar="NAME", help="pipeline.experiment_name: the MLflow experiment")
     g.add_argument("--name", help="comparison name (the MLflow parent run)")
     g.add_argument("--no-progress", action="store_true", help="pipeline.progress: false (logs only, no bars)")
+    g.add_argument("--work-pool", metavar="POOL", help="pipeline.work_pool: train the arms in parallel as runs of the "
+                   "experiment deployment on this Prefect work pool (`qtuning serve --work-pool POOL --flows experiment`)")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="dotted overrides of the config, e.g. training.lr=1e-4 pipeline.zero_shot=true")
     return ap
@@ -107,7 +109,8 @@ def build_config(args: argparse.Namespace) -> CompareConfig:
         "evaluation": {"limit": args.eval_limit, "tasks": args.tasks},
         "pipeline": {"runs_dir": args.runs_dir, "num_processes": args.num_processes, "launcher": args.launcher,
                      "tracking_uri": args.tracking_uri, "experiment_name": args.experiment,
-                     "zero_shot": True if args.zero_shot else None, "progress": False if args.no_progress else None},
+                     "zero_shot": True if args.zero_shot else None, "progress": False if args.no_progress else None,
+                     "work_pool": args.work_pool},
     }
     for section, values in sections.items():
         raw[section].update({k: v for k, v in values.items() if v is not None})
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from commands.lifecycle import check_data, guard_run
+    from commands.lifecycle import check_data, check_work_pool, guard_run
 
     if (code := check_data(cfg.data, "qtuning run")) is not None:  # before Prefect, a server or a model
         return code
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.flow_runs import owned_by_this_process
     from tasks.tracking import without_credentials
 
+    if (code := check_work_pool(cfg.pipeline, "qtuning run")) is not None:  # the pool's deployment, before any work
+        return code
     uri = guard_run(cfg.pipeline.tracking_uri, "qtuning run")  # orphaned runs closed; Ctrl-C, SIGTERM, kill -9 handled
     if cfg.pipeline.tracking_uri:  # a password in it is in the environment now: no flow parameter carries it
         cfg = with_overrides(cfg, {"pipeline.tracking_uri": uri})

@@ -3,7 +3,9 @@
 A `qtuning run` or `qtuning sweep` killed outright (kill -9, out of memory) cannot close its MLflow runs; its guard
 process does, and the next run on the store checks again at start. Its Prefect flow runs (also an interrupted
 one's: a Ctrl-C stops Prefect's temporary server too) are set CRASHED by the next run at start. This command does
-both on demand: MLflow runs end KILLED, Prefect flow runs and their open task runs are set CRASHED.
+both on demand: MLflow runs end KILLED, Prefect flow runs and their open task runs are set CRASHED. On any host, an
+MLflow run whose Prefect flow run ended without completing (a dead worker machine's, set CRASHED by the server's
+heartbeat automation: `qtuning serve` creates it) is ended too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     for run_id, name, pid in crashed:
         print(f"Prefect flow run {name} ({run_id}): left RUNNING by process {pid}, which is gone: set CRASHED")
     print(f"{len(crashed)} orphaned Prefect flow run(s) closed")
+    from tasks.flow_runs import close_runs_of_ended_flow_runs
+
+    ended = close_runs_of_ended_flow_runs(uri)  # any host: e.g. a dead worker's, set CRASHED by the heartbeat automation
+    for run_id, name, state in ended:
+        print(f"{name} ({run_id}): RUNNING, but its Prefect flow run is {state}: ended")
+    print(f"{len(ended)} MLflow run(s) of ended flow runs closed")
     return 0
 
 

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return 0
         url = deploy.check_server()
+        from tasks.flow_runs import ensure_heartbeat_automation
+
+        ensure_heartbeat_automation()  # runs whose process or machine stops reporting are set CRASHED by the server
         if args.work_pool:
             deploy.deploy_to_pool(deployments, args.work_pool)
             print(f"registered on work pool {args.work_pool!r} at {url} (code from {source}); run them with:\n"

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the arms and seeds the sweep would run, and exit")
     ap.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (pipeline.tracking_uri); default: "
                     "$MLFLOW_TRACKING_URI, else the project's store under mlflow/")
+    ap.add_argument("--work-pool", metavar="POOL", help="pipeline.work_pool: train the (seed, arm) runs in parallel as "
+                    "runs of the experiment deployment on this Prefect work pool")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="dotted overrides of the sweep file, applied last, e.g. training.epochs=2 evaluation.limit=50")
     args = ap.parse_args(argv)
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.set)
         if args.tracking_uri:
             overrides = {"pipeline.tracking_uri": args.tracking_uri, **overrides}
+        if args.work_pool:
+            overrides = {"pipeline.work_pool": args.work_pool, **overrides}
         if overrides:
             cfg = with_overrides(cfg, overrides)
     except ConfigError as e:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {a.name:<40} {p.sample}/{p.token} r_s={p.sample_ratio:g} r_t={p.token_ratio:g} lam={p.lam:g} {a.mode}")
     if args.list:
         return 0
-    from commands.lifecycle import check_data, guard_run
+    from commands.lifecycle import check_data, check_work_pool, guard_run
 
     if (code := check_data(cfg.data, "qtuning sweep")) is not None:  # before Prefect, a server or a model
         return code
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.sweep import sweep
     from tasks.flow_runs import owned_by_this_process
 
+    if (code := check_work_pool(cfg.pipeline, "qtuning sweep")) is not None:  # the pool's deployment, before any work
+        return code
     uri = guard_run(cfg.pipeline.tracking_uri, "qtuning sweep")
     if cfg.pipeline.tracking_uri:  # a password in it is in the environment now: no flow parameter carries it
         cfg = with_overrides(cfg, {"pipeline.tracking_uri": uri})

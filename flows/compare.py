@@ -14,8 +14,9 @@ from prefect import flow
 
 from qtuning.config import CompareConfig
 from qtuning.confine import check_confined
-from flows.experiment import experiment, zero_shot
+from flows.experiment import run_arms, zero_shot
 from tasks.comparison import compare_arms
+from tasks.fanout import ArmCall
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.records import ComparisonResult
 from tasks.registry import register_best
@@ -36,8 +37,8 @@ def compare(config: CompareConfig = CompareConfig()) -> ComparisonResult:
         log_data(parent, data)
         scores = score_eu(data, config.model, pipeline, ref.pruning.entropy_scope, config.training.seed)
         log_scores(parent, scores, ref.pruning.sample_ratio if ref.pruning.sample == "qtuning" else None, title="base model")
-        arms = [experiment(config.experiment(arm), config.evaluation, pipeline, arm.mode, parent, arm.static_batch)
-                for arm in config.arms]
+        calls = [ArmCall(config=config.experiment(arm), mode=arm.mode, static_batch=arm.static_batch) for arm in config.arms]
+        arms = run_arms(calls, config.evaluation, pipeline, parent)  # here, or on pipeline.work_pool's workers
         if pipeline.zero_shot:
             arms.insert(0, zero_shot(config.model, config.evaluation, pipeline, parent))
         result = compare_arms(parent, arms, baseline=config.baseline_arm.name)

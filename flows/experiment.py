@@ -16,6 +16,7 @@ from qtuning.confine import check_confined
 from tasks.comparison import arm_result
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.evaluation import evaluate, log_evaluation
+from tasks.fanout import ArmCall, arms_on_pool
 from tasks.pruning import log_plan, prune
 from tasks.records import ArmResult
 from tasks.registry import log_model
@@ -26,7 +27,8 @@ from tasks.tracking import RunRef, run_status
 from tasks.training import log_training, train_arm
 
 
-@flow(name="experiment", flow_run_name="experiment-{config.name}")
+# persist_result: a parent that submitted this run to a work pool reads the ArmResult back (tasks/fanout.py)
+@flow(name="experiment", flow_run_name="experiment-{config.name}", persist_result=True)
 def experiment(
     config: ExperimentConfig,
     evaluation: EvalConfig = EvalConfig(),
@@ -53,6 +55,14 @@ def experiment(
         evaluated = evaluate(trained.final_dir, evaluation, pipeline)
         log_evaluation(run, evaluated, evaluation)
         return arm_result(config.name, run, evaluated, trained)
+
+
+def run_arms(calls: list[ArmCall], evaluation: EvalConfig, pipeline: PipelineConfig, parent: RunRef | None) -> list[ArmResult]:
+    """The arms' results in the order given: trained on pipeline.work_pool's workers in parallel when it is set,
+    else here, one after another."""
+    if pipeline.work_pool:
+        return arms_on_pool(calls, evaluation, pipeline, parent)
+    return [experiment(c.config, evaluation, pipeline, c.mode, parent, c.static_batch) for c in calls]
 
 
 @flow(name="zero-shot")

@@ -1,6 +1,6 @@
 """A sweep: the full-data baseline and a grid of pruned arms, per seed, under one MLflow parent run.
 
-Every arm is the `experiment` flow, so every stage is cached by content: the baseline of a seed trains once
+Every arm is the `experiment` flow (here, or on pipeline.work_pool's workers in parallel), so every stage is cached by content: the baseline of a seed trains once
 (also across sweeps that share it), and a sweep interrupted halfway and started again redoes only what is
 missing.
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.experiment import experiment
+from flows.experiment import run_arms
 from qtuning.config import SweepConfig
 from qtuning.confine import check_confined
+from tasks.fanout import ArmCall
 from tasks.data import fetch_assets, log_data, prepare_data
 from tasks.records import SweepResult
 from tasks.runs import open_run
@@ -32,13 +33,15 @@ def sweep(config: SweepConfig = SweepConfig()) -> SweepResult:
     with run_status(parent):
         fetch_assets(config.model, config.data, config.evaluation)
         log_data(parent, prepare_data(config.data, config.model, pipeline))
-        results = []
+        calls, keys = [], []
         for cmp in comparisons:
             seed = cmp.training.seed
             for arm in cmp.arms:
                 run_cfg = cmp.experiment(arm)
                 if several:
                     run_cfg = run_cfg.model_copy(update={"name": f"{arm.name}-seed{seed}"})
-                result = experiment(run_cfg, config.evaluation, pipeline, arm.mode, parent, arm.static_batch)
-                results.append((seed, result.model_copy(update={"name": arm.name})))
+                calls.append(ArmCall(config=run_cfg, mode=arm.mode, static_batch=arm.static_batch))
+                keys.append((seed, arm.name))
+        arms = run_arms(calls, config.evaluation, pipeline, parent)  # here, or on pipeline.work_pool's workers
+        results = [(seed, r.model_copy(update={"name": name})) for (seed, name), r in zip(keys, arms)]
         return summarize_sweep(parent, results, baseline="full")

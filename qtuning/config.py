@@ -680,6 +680,23 @@ class PipelineConfig(_Frozen):
         description="Also log each arm's final model to its MLflow run (mlflow.transformers.log_model: a copy of the "
         "weights in the artifact store, ~500 MB for SmolLM2-135M). Off: the run records the checkpoint's path.",
     )
+    work_pool: str | None = Field(
+        None,
+        min_length=1,
+        description="Run the arms on this Prefect work pool: each (seed, arm) becomes a flow run of the "
+        "pipeline.experiment_deployment, its workers train them in parallel (as many at a time as the pool's and the "
+        "workers' concurrency limits let through: one per GPU is `prefect worker start --limit 1` on each GPU), "
+        "and this flow waits for them and builds the same table. Needs a Prefect server every worker reaches "
+        "(PREFECT_API_URL), the deployment on that pool (`qtuning serve --work-pool POOL --flows experiment`), and "
+        "pipeline.runs_dir and Prefect's result storage on storage every worker sees. null: every arm runs in "
+        "this process, one after another.",
+    )
+    experiment_deployment: str = Field(
+        "experiment/qtuning-experiment",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+        description="With pipeline.work_pool: the deployment each arm runs as, '<flow>/<deployment>' (what "
+        "`qtuning serve --work-pool` registers: experiment/qtuning-experiment).",
+    )
     register_best: bool = Field(
         False,
         description="Register the comparison's best trained arm (highest benchmark average, then lowest held-out loss) "

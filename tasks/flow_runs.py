@@ -80,3 +80,94 @@ def close_orphan_flow_runs() -> list[tuple[str, str, str]]:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             closed.append((str(run.id), run.name, owner[1]))
     return closed
+
+
+# --------------------------------------------------------------------------- liveness on any machine: heartbeats
+HEARTBEAT_AUTOMATION = "qtuning: crash flow runs whose heartbeats stopped"
+MISSED_HEARTBEATS = 3  # heartbeat periods without one before a run is declared crashed (Prefect's documented recipe)
+
+
+def ensure_heartbeat_automation(within_s: float | None = None) -> str:
+    """Prefect's documented zombie detection on the server PREFECT_API_URL names, created once (by name; updated
+    when its window differs from this call's): every
+    flow run emits a `prefect.flow-run.heartbeat` event each PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the flow
+    engine does, in a thread of the run's own process, on whichever machine it runs), and a run that sent one and
+    then neither another nor a final state within `within_s` (default: 3 periods of this process's setting, which
+    the workers should share) is set CRASHED by the server, with the reason. A worker machine that dies, a kill -9,
+    a lost network: its runs stop reporting and are closed, whatever their host. Returns the automation's id."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import get_current_settings
+
+    within = within_s or MISSED_HEARTBEATS * get_current_settings().flows.heartbeat_frequency
+    try:
+        existing = Automation.read(name=HEARTBEAT_AUTOMATION)
+    except ValueError:  # not there yet
+        existing = None
+    if existing is not None and existing.trigger.within == timedelta(seconds=within):
+        return str(existing.id)
+    automation = Automation(
+        name=HEARTBEAT_AUTOMATION,
+        description="Sets CRASHED the flow runs that stopped sending heartbeats (qtuning: tasks/flow_runs.py); their "
+                    "MLflow runs are ended by the next qtuning command or `qtuning runs --close-orphans`.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within:g} s: its process or machine stopped reporting "
+                                            "(closed by Prefect's heartbeat automation)")],
+    )
+    if existing is not None:  # the latest setting wins: a team sets one heartbeat frequency for all its machines
+        existing.trigger = automation.trigger
+        existing.actions = automation.actions
+        existing.update()
+        return str(existing.id)
+    return str(automation.create().id)
+
+
+def close_runs_of_ended_flow_runs(uri: str) -> list[tuple[str, str, str]]:
+    """End the MLflow runs still RUNNING whose Prefect flow run (tag prefect.flow_run_id) has ended otherwise than
+    by completing: CRASHED (by the heartbeat automation, or by `close_orphan_flow_runs`), CANCELLED or FAILED,
+    on any host. The MLflow run ends KILLED (FAILED for a failed flow run) with the flow run's state and message
+    as `qtuning.ended_by`. Flow runs the server does not know (another server's) are left alone. Returns (MLflow
+    run id, run name, flow run state) of each run ended."""
+    from uuid import UUID
+
+    from mlflow.entities import ViewType
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.tracking import client as mlflow_client
+
+    c = mlflow_client(uri)
+    experiments = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    closed = []
+    with get_client(sync_client=True) as prefect:
+        for i in range(0, len(experiments), 100):
+            runs = c.search_runs(experiments[i : i + 100], filter_string="attributes.status = 'RUNNING'",
+                                 run_view_type=ViewType.ALL, max_results=10000)
+            for run in runs:
+                flow_run_id = run.data.tags.get("prefect.flow_run_id", "")
+                try:
+                    state = prefect.read_flow_run(UUID(flow_run_id)).state
+                except (ValueError, ObjectNotFound):
+                    continue
+                if state is None or not state.is_final() or state.is_completed():
+                    continue  # running, or completed (its flow ends the MLflow run itself)
+                c.set_tag(run.info.run_id, "qtuning.ended_by",
+                          f"its Prefect flow run {flow_run_id} is {state.name}: {state.message or 'no message'}")
+                c.set_terminated(run.info.run_id, "FAILED" if state.is_failed() else "KILLED")
+                closed.append((run.info.run_id, run.info.run_name, state.name))
+    return closed

@@ -188,3 +188,40 @@ def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp
     assert "sweep/qtuning-qtuning-rs0.25-rt0.7/average" in parent.data.metrics
     artifacts = {f.path for f in client.list_artifacts(b.parent_run_id, "sweep")}
     assert {"sweep/table.txt", "sweep/table.md", "sweep/score_vs_tokens.png"} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_cpu_study_runs_in_its_shape_on_the_tiny_model(tmp_path, tiny_compare_config, prefect_server):
+    """configs/sweeps/cpu-study.yaml as shipped (its arms, seeds, measures, budgets and epochs), on the tiny model
+    and a few rows: 4 arms x 3 seeds, the held-out loss row by row beside the benchmarks, each pruned arm's two
+    differences to full data in one Holm family of 6, the equal-token arms within Q-Tuning's budget."""
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from flows.sweep import sweep
+    from qtuning.config import load_yaml
+
+    study = load_yaml(SweepConfig, Path(__file__).parents[1] / "configs" / "sweeps" / "cpu-study.yaml")
+    base = tiny_compare_config(tmp_path, name="study")
+    cfg = with_overrides(study, {"model": base.model.model_dump(), "pipeline": base.pipeline.model_dump(),
+                                 "pipeline.launcher": "python", "data.limit": 16, "data.max_length": 96,
+                                 "data.eval_rows": 8, "evaluation.limit": 2, "evaluation.batch_size": 4})
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect")}):
+        result = sweep(cfg)
+
+    assert [r["arm"] for r in result.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5",
+                                               "random-random-rs0.25-rt0.5-budgetequaltokens",
+                                               "infobatch-random-rs0.25-rt0.5-budgetequaltokens"]
+    assert all(r["seeds"] == 3 for r in result.arms) and len(result.runs) == 12
+    for r in result.arms[1:]:
+        assert not np.isnan(r["heldout_diff"]) and not np.isnan(r["diff"]) and r["heldout_diff_p_holm"] >= r["heldout_diff_p"]
+    assert "heldout vs full" in result.table and "across the 6 tests" in result.table
+    for run in result.runs:
+        assert Path(run["heldout_rows_path"]).stat().st_size > 0
+        if run["budget"] == "equal_tokens":  # as many loss tokens as Q-Tuning would have trained, never more
+            assert 0 < run["loss_tokens"] <= run["budget_tokens"]
+    client = MlflowClient(cfg.pipeline.tracking_uri)
+    artifacts = {f.path for f in client.list_artifacts(result.parent_run_id, "sweep")}
+    assert "sweep/score_vs_tokens.png" in artifacts
+    assert "sweep/qtuning-qtuning-rs0.25-rt0.5/heldout_diff" in client.get_run(result.parent_run_id).data.metrics
