@@ -2,7 +2,7 @@
 
 `pipeline.work_pool` set: each (seed, arm) becomes a run of the `experiment` deployment registered on that pool
 (`prefect.deployments.run_deployment`, submitted without waiting, linked to this flow run as a subflow), the pool's
-workers train them in parallel, and `arms_on_pool` waits for every one (`prefect.flow_runs.wait_for_flow_run`) and
+workers train them in parallel, and `arms_on_pool` waits for every one (polling its state, as run_deployment does) and
 returns their results in the order the arms were given, exactly what the serial path returns. How many train at
 once is Prefect's concurrency: the workers' `--limit`, the pool's or a queue's concurrency limit.
 
@@ -26,6 +26,7 @@ from tasks.records import ArmResult
 from tasks.tracking import RunRef
 
 ARM_TIMEOUT_S = 7 * 24 * 3600  # how long the parent waits for one arm: a week, i.e. as long as the arm takes
+POLL_S = 5.0  # seconds between two looks at an arm's state (run_deployment's own default)
 
 
 class ArmCall(BaseModel):
@@ -65,6 +66,25 @@ def check_pool(pipeline: PipelineConfig) -> None:
                           f"pipeline.work_pool: {deployment.work_pool_name}")
 
 
+def wait_for_end(flow_run_id, poll_s: float = POLL_S):
+    """The flow run once its state is final (completed, failed, crashed, cancelled), polled as run_deployment
+    polls when it waits; TimeoutError after ARM_TIMEOUT_S."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + ARM_TIMEOUT_S
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {run.name} ({flow_run_id}) still {run.state.name if run.state else 'new'} "
+                                   f"after {ARM_TIMEOUT_S} s")
+            time.sleep(poll_s)
+
+
 @task(name="arms_on_pool", cache_policy=NO_CACHE)
 def arms_on_pool(calls: list[ArmCall], evaluation: EvalConfig, pipeline: PipelineConfig,
                  parent: RunRef | None) -> list[ArmResult]:
@@ -74,7 +94,6 @@ def arms_on_pool(calls: list[ArmCall], evaluation: EvalConfig, pipeline: Pipelin
     a RuntimeError names every arm that did not complete, its flow run and its final state. A re-run of the parent
     finds the finished arms' stages in their caches and redoes only what is missing."""
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     log = get_run_logger()
     check_pool(pipeline)
@@ -91,7 +110,7 @@ def arms_on_pool(calls: list[ArmCall], evaluation: EvalConfig, pipeline: Pipelin
     results: list[ArmResult | None] = []
     failed = []
     for call, run in submitted:
-        final = wait_for_flow_run(run.id, timeout=ARM_TIMEOUT_S, poll_interval=5)
+        final = wait_for_end(run.id)
         if final.state is None or not final.state.is_completed():
             failed.append(f"{call.config.name} (flow run {final.name}, {final.id}): "
                           f"{final.state.name if final.state else 'no state'}"
