@@ -89,9 +89,9 @@ MISSED_HEARTBEATS = 3  # heartbeat periods without one before a run is declared 
 
 def ensure_heartbeat_automation(within_s: float | None = None) -> str:
     """Prefect's documented zombie detection on the server PREFECT_API_URL names, created once (by name; updated
-    when its window differs from this call's): every
-    flow run emits a `prefect.flow-run.heartbeat` event each PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the flow
-    engine does, in a thread of the run's own process, on whichever machine it runs), and a run that sent one and
+    when its window differs from this call's): every flow run emits a `prefect.flow-run.heartbeat` event each
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the flow engine does, in a thread of the run's own process, on
+    whichever machine it runs), and a run that sent one and
     then neither another nor a final state within `within_s` (default: 3 periods of this process's setting, which
     the workers should share) is set CRASHED by the server, with the reason. A worker machine that dies, a kill -9,
     a lost network: its runs stop reporting and are closed, whatever their host. Returns the automation's id."""

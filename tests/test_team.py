@@ -175,8 +175,172 @@ def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databas
         time.sleep(0.5)
 
 
-def test_no_password_is_written_printed_or_stored_anywhere(compared, mlflow_server, prefect_on_postgres, databases,
-                                                          tmp_path_factory):
+# --------------------------------------------------------------------------- arms on a work pool, two workers
+HEARTBEAT_S = 30  # Prefect's shortest heartbeat period; the automation's window is three of them
+
+
+@pytest.fixture(scope="module")
+def team_pool(mlflow_server, prefect_on_postgres, background, tiny_compare_config, tmp_path_factory) -> dict:
+    """A process work pool on the PostgreSQL Prefect server, the experiment deployment on it (`qtuning serve
+    --work-pool`) and two workers (`prefect worker start --limit 1`: one run each at a time, as one GPU each), each
+    a "machine" of its own (its own PREFECT_HOME); the runs folder and Prefect's result storage are shared
+    folders, the credentials are in every machine's environment only."""
+    import subprocess
+
+    from qtuning.config import with_overrides
+
+    root = tmp_path_factory.mktemp("pool")
+    base = with_overrides(tiny_compare_config(root, name="pooled"), {
+        "pipeline.tracking_uri": mlflow_server["url"], "evaluation.tasks": ["qt_arc_easy"], "pipeline.launcher": "python",
+        "data.eval_rows": 4, "training.epochs": 2.0})
+    env = {**os.environ, "PREFECT_API_URL": prefect_on_postgres, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+
+    def machine(name: str) -> dict:
+        return {**env, "PREFECT_HOME": str(root / name)}
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    cwd = Path(__file__).resolve().parents[1]
+    for cmd in ([prefect, "work-pool", "create", "gpus", "--type", "process"],
+                [sys.executable, "-m", "commands.cli", "serve", "--config", str(base.save(root / "base.yaml")), "--flows",
+                 "experiment", "--work-pool", "gpus"]):
+        done = subprocess.run(cmd, env=machine("admin"), cwd=cwd, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    workers = [background([prefect, "worker", "start", "--pool", "gpus", "--limit", "1", "--name", f"gpu{i}"],
+                          root / f"worker{i}.log", machine(f"gpu{i}")) for i in range(2)]
+    return {"root": root, "base": base, "workers": workers, "machine": machine, "cwd": cwd}
+
+
+def _prefect_api(url: str, path: str, body: dict) -> list | dict:
+    """A POST to the authenticating Prefect server's REST API (a process of its own is not needed for reading)."""
+    import base64
+    import json
+    import urllib.request
+
+    auth = base64.b64encode(PREFECT_AUTH.encode()).decode()
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _arm_runs(url: str, sweep: str) -> list[dict]:
+    """The flow runs a sweep's parent submitted to the pool (tag qtuning.arm, the sweep's name in the parent)."""
+    runs = _prefect_api(url, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["qtuning.arm"]}}, "limit": 200})
+    return [r for r in runs if r["parameters"]["parent"] and r["parameters"]["parent"]["name"] == sweep]
+
+
+def _sweep(team_pool: dict, name: str, **fields) -> Path:
+    from qtuning.config import SweepConfig
+
+    base = team_pool["base"]
+    shared = {k: getattr(base, k) for k in ("model", "data", "training", "evaluation", "pipeline")}
+    cfg = SweepConfig(name=name, **shared, **fields)
+    return cfg.save(team_pool["root"] / f"{name}.yaml")
+
+
+def _qtuning(team_pool: dict, *args: str, machine: str = "laptop", timeout: float = 600):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], env=team_pool["machine"](machine),
+                          cwd=team_pool["cwd"], capture_output=True, text=True, timeout=timeout)
+
+
+def _train_dirs(team_pool: dict) -> dict[str, float]:
+    """Each training folder of the shared runs folder and its manifest's modification time (rewritten if retrained)."""
+    train = Path(team_pool["base"].pipeline.runs_dir, "train")
+    return {p.name: (p / "manifest.json").stat().st_mtime for p in train.iterdir() if (p / "manifest.json").exists()}
+
+
+def test_a_sweep_fans_out_to_two_workers_and_builds_the_serial_table(team_pool, prefect_on_postgres, mlflow_server, mlflow_login):
+    """`qtuning sweep --work-pool`: the baseline and three pruned arms as flow runs on the pool, two at a time
+    (their run intervals overlap), under one MLflow parent; the same sweep run serially afterwards trains
+    nothing (every stage a cache hit) and prints the same table."""
+    import json
+
+    from mlflow import MlflowClient
+
+    path = _sweep(team_pool, "pooled", points=[
+        {}, {"pruning.sample": "random", "pruning.token": "random", "pruning.budget": "equal_tokens"},
+        {"pruning.sample": "infobatch", "pruning.token": "random", "pruning.budget": "equal_tokens"}])
+    root = team_pool["root"]
+    done = _qtuning(team_pool, "sweep", str(path), "--work-pool", "gpus", "--json", str(root / "pooled.json"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _arm_runs(prefect_on_postgres, "pooled")
+    assert len(runs) == 4 and all(r["state"]["type"] == "COMPLETED" and r["work_pool_name"] == "gpus" for r in runs), runs
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"the arms ran one after another: {spans}"
+    pooled = json.loads((root / "pooled.json").read_text())
+    client = MlflowClient(mlflow_server["url"])
+    parent = client.get_run(pooled["parent_run_id"])
+    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in kids) == sorted(a["arm"] for a in pooled["arms"])
+    assert all(r.info.status == "FINISHED" and "eval/average" in r.data.metrics for r in kids)
+    assert "sweep/table.txt" in {f.path for f in client.list_artifacts(parent.info.run_id, "sweep")}
+
+    trained = _train_dirs(team_pool)
+    done = _qtuning(team_pool, "sweep", str(path), "--json", str(root / "serial.json"))  # no pool: here, in turn
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _train_dirs(team_pool) == trained  # nothing trained twice
+    serial = json.loads((root / "serial.json").read_text())
+    for a, b in zip(pooled["arms"], serial["arms"]):
+        assert {k: a[k] for k in ("arm", "loss_tokens", "average", "heldout_loss")} == \
+               {k: b[k] for k in ("arm", "loss_tokens", "average", "heldout_loss")}
+
+
+def test_a_killed_worker_crashes_its_arm_by_heartbeat_and_a_rerun_resumes_it(team_pool, prefect_on_postgres,
+                                                                             mlflow_server, mlflow_login, background):
+    """A worker machine that dies mid-arm (SIGKILL to the worker and to its flow run's process: nothing reports
+    again): Prefect's heartbeat automation sets the arm CRASHED, the parent stops waiting, ends the arm's MLflow
+    run KILLED and exits naming it; the same sweep run again resumes the arm from its last checkpoint, and the
+    arm that completed is not trained again."""
+    import signal
+
+    import psutil
+    from mlflow import MlflowClient
+
+    root = team_pool["root"]
+    training = team_pool["base"].training.model_copy(update={"epochs": 400.0, "checkpoint_every_steps": 25})
+    path = _sweep(team_pool, "killed", training=training)
+    log = root / "killed.log"
+    parent = background([sys.executable, "-m", "commands.cli", "sweep", str(path), "--work-pool", "gpus"], log,
+                        team_pool["machine"]("laptop"))
+    victim, deadline = None, time.monotonic() + 300
+    while victim is None:
+        assert time.monotonic() < deadline and parent.poll() is None, log.read_text()[-4000:]
+        time.sleep(2)
+        for run in _arm_runs(prefect_on_postgres, "killed"):
+            ckpts = list(Path(team_pool["base"].pipeline.runs_dir, "train").glob("full-*/checkpoints/step-*/trainer_state.json"))
+            if run["parameters"]["config"]["name"] == "full" and run["state"]["type"] == "RUNNING" and ckpts:
+                victim = run
+    pid = int(str(victim["infrastructure_pid"]).rsplit(":", 1)[-1])
+    owner = next(w for w in team_pool["workers"] if w.pid in {p.pid for p in psutil.Process(pid).parents()})
+    os.kill(pid, signal.SIGKILL)  # the machine is gone: the arm's process and its worker, at once
+    os.killpg(owner.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert parent.wait(timeout=480) != 0
+    out = log.read_text()
+    crashed = _prefect_api(prefect_on_postgres, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [victim["id"]]}}})[0]
+    assert crashed["state"]["type"] == "CRASHED" and "no heartbeat" in crashed["state"]["message"], crashed["state"]
+    print(f"the dead worker's arm was CRASHED and the parent had exited {time.monotonic() - killed_at:.0f} s after the kill")
+    assert "did not complete" in out and victim["name"] in out, out[-3000:]
+    client = MlflowClient(mlflow_server["url"])
+    experiment = client.get_experiment_by_name(team_pool["base"].pipeline.experiment_name)
+    (arm,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{victim['id']}'")
+    assert arm.info.status == "KILLED" and "Crashed" in arm.data.tags["qtuning.ended_by"]
+
+    trained = _train_dirs(team_pool)
+    done = _qtuning(team_pool, "sweep", str(path))  # the survivor's arm is a cache hit, the dead one's resumes
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming from the last checkpoint" in done.stdout + done.stderr
+    after = _train_dirs(team_pool)
+    assert {k: v for k, v in after.items() if k in trained} == trained and len(after) == len(trained) + 1
+
+
+def test_no_password_is_written_printed_or_stored_anywhere(compared, team_pool, mlflow_server, prefect_on_postgres,
+                                                          databases, tmp_path_factory):
     """The two planted secrets appear nowhere the run leaves a trace: what it printed, every file under its folder
     (runs, records, configs, Prefect's local results and logs), the artifacts the MLflow server stored, the
     servers' logs, and every row of both PostgreSQL databases (params, tags, the config artifact's record, flow
@@ -188,7 +352,7 @@ def test_no_password_is_written_printed_or_stored_anywhere(compared, mlflow_serv
     found = [f"output of qtuning run: {s}" for s in planted if s in printed]
     prefect_server_homes = list(tmp_path_factory.getbasetemp().glob("prefect_pg_server*"))
     assert prefect_server_homes
-    for folder in (root, mlflow_server["root"], *prefect_server_homes):
+    for folder in (root, team_pool["root"], mlflow_server["root"], *prefect_server_homes):  # team_pool: the workers' too
         for path in (p for p in folder.rglob("*") if p.is_file()):
             data = path.read_bytes()
             found += [f"{path}: {s}" for s in planted if s.encode() in data]
