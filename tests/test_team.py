@@ -237,7 +237,7 @@ def _sweep(team_pool: dict, name: str, **fields) -> Path:
 
     base = team_pool["base"]
     shared = {k: getattr(base, k) for k in ("model", "data", "training", "evaluation", "pipeline")}
-    cfg = SweepConfig(name=name, **shared, **fields)
+    cfg = SweepConfig(name=name, **{**shared, **fields})
     return cfg.save(team_pool["root"] / f"{name}.yaml")
 
 
@@ -302,7 +302,7 @@ def test_a_killed_worker_crashes_its_arm_by_heartbeat_and_a_rerun_resumes_it(tea
     from mlflow import MlflowClient
 
     root = team_pool["root"]
-    training = team_pool["base"].training.model_copy(update={"epochs": 400.0, "checkpoint_every_steps": 25})
+    training = team_pool["base"].training.model_copy(update={"epochs": 60.0, "checkpoint_every_steps": 20})
     path = _sweep(team_pool, "killed", training=training)
     log = root / "killed.log"
     parent = background([sys.executable, "-m", "commands.cli", "sweep", str(path), "--work-pool", "gpus"], log,
