@@ -492,6 +492,16 @@ def pruned_tokens_html(samples: Sequence[Mapping[str, Any]], title: str = "Prune
 
 
 # --------------------------------------------------------------------------- sweeps: arms over seeds
+def _shared(runs: Sequence[pd.Series | pd.DataFrame], empty: str) -> pd.Index:
+    """The index every run holds (the items or rows all of them measured), sorted; ValueError(`empty`) if none."""
+    common = runs[0].index
+    for r in runs[1:]:
+        common = common.intersection(r.index)
+    if common.empty:
+        raise ValueError(empty)
+    return common.sort_values()
+
+
 def seeded_difference(
     arm: Sequence[Any], base: Sequence[Any], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
     level: float = BOOTSTRAP_LEVEL,
@@ -507,12 +517,7 @@ def seeded_difference(
     two sides') and n_items. With 3 seeds a side, the seed draw has only 10 distinct outcomes: the interval
     is wider than an item-only one, but still an estimate from few runs."""
     runs = [_items(x).set_index(["task", "doc_id"])["correct"] for x in (*arm, *base)]
-    common = runs[0].index
-    for r in runs[1:]:
-        common = common.intersection(r.index)
-    if common.empty:
-        raise ValueError("seeded_difference: the runs share no evaluated item (task, doc_id)")
-    common = common.sort_values()
+    common = _shared(runs, "seeded_difference: the runs share no evaluated item (task, doc_id)")
     matrix = np.stack([r.loc[common].to_numpy(float) for r in runs]) * 100  # (runs, items) points
     tasks = common.get_level_values("task")
     k_arm = len(arm)
@@ -549,12 +554,7 @@ def seeded_loss_difference(
     Returns diff (mean over seeds of each side, exact), lo, hi (percentile interval), p (two-sided, as in
     `seeded_difference`), seeds and n_rows."""
     runs = [x.set_index("sample_id")[["nll", "tokens"]] for x in (*arm, *base)]
-    common = runs[0].index
-    for r in runs[1:]:
-        common = common.intersection(r.index)
-    if common.empty:
-        raise ValueError("seeded_loss_difference: the runs share no held-out row (sample_id)")
-    common = common.sort_values()
+    common = _shared(runs, "seeded_loss_difference: the runs share no held-out row (sample_id)")
     nll = np.stack([r.loc[common, "nll"].to_numpy(float) for r in runs])  # (runs, rows)
     tokens = np.stack([r.loc[common, "tokens"].to_numpy(float) for r in runs])
     n, k_arm = len(common), len(arm)
