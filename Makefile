@@ -38,10 +38,11 @@ run: assets
 	$(QT) run $(ARGS)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: a module's fixtures (a server, a
-# trained run) are built once. TEST_WORKERS=0 runs it in this process alone.
+# trained run) are built once. The files go out longest first (tests/conftest.py, LONGEST_FIRST), not in xdist's
+# order by count of tests. TEST_WORKERS=0 runs it in this process alone.
 TEST_WORKERS ?= 2
 test: setup-dev assets
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The float-sensitive tests (marker `numerics`) as other CPUs run them: torch's kernels without AVX (default)
 # and with AVX2 only, on 1 and 2 threads. A tolerance fitted to this CPU's rounding fails here first.

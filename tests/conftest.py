@@ -279,3 +279,24 @@ def mlflow_store(path: Path) -> str:
     if not path.exists():
         shutil.copyfile(_migrated() / "mlflow.db", path)
     return f"sqlite:///{path}"
+
+
+# --------------------------------------------------------------------------- the order the two processes take
+# `make test` runs a file to a process (`--dist loadfile`) with xdist's own reordering off (by count of tests), so
+# the files go out in this order: the longest first (from `--durations` on a fresh clone, 2 cores), and a process
+# that finishes one takes the next longest. A long file handed out last would run alone at the end while the
+# other process idles. Within a file the `slow` tests go first: xdist hands a process its next file when two tests
+# of the current one are left, and that file then waits behind them.
+LONGEST_FIRST = ("test_team.py", "test_faults.py", "test_sweep.py", "test_sharding.py", "test_flow_e2e.py",
+                 "test_formats.py", "test_engine.py", "test_bench.py", "test_deploy.py", "test_tasks.py",
+                 "test_hf_trainer.py", "test_train.py", "test_reference_run.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    first_seen: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.path, i)
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(it.path.name, len(rank)), first_seen[it.path],
+                               it.get_closest_marker("slow") is None, position[id(it)]))
