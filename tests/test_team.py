@@ -1,7 +1,7 @@
 """A team's tracking on real servers, on loopback: MLflow's tracking server (`qtuning ui --auth`) on a PostgreSQL
-backend store with proxied artifacts, Prefect's server on PostgreSQL, both asking every client for a password, and
-a comparison that knows them only by their URLs and the credentials in its environment; then every place the
-run writes, logs or stores is searched for the two passwords.
+backend store with proxied artifacts, Prefect's server on PostgreSQL, both asking every client for a password; a
+work pool with two workers; a sweep sent to it from a machine that knows the servers only by their URLs and its
+credentials; then every place the runs write, log or store is searched for the two passwords.
 
 Needs PostgreSQL at $QTUNING_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432, trust authentication):
 every machine of this project runs one. The module creates its own databases and drops them at the end;
@@ -80,34 +80,6 @@ def prefect_on_postgres(databases, background, tmp_path_factory) -> str:
     proc = background([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env)
     wait_for_url(f"http://127.0.0.1:{port}/api/health", proc, timeout=180, log=home / "server.log")
     return f"http://127.0.0.1:{port}/api"
-
-
-@pytest.fixture(scope="module")
-def compared(mlflow_server, prefect_on_postgres, tiny_compare_config, tmp_path_factory):
-    """`qtuning run` of the tiny comparison (one benchmark) on a machine that knows the servers only by their
-    URLs and its credentials: the MLflow user and password inside --tracking-uri (as users paste them; the run
-    moves them to MLFLOW_TRACKING_USERNAME/PASSWORD), Prefect's auth string in PREFECT_API_AUTH_STRING (a process
-    of its own: a test process's Prefect clients may already be bound to another server): (its table as JSON,
-    config, its folder, what it printed)."""
-    import json
-    import subprocess
-
-    from qtuning.config import with_overrides
-
-    root = tmp_path_factory.mktemp("team")
-    cfg = tiny_compare_config(root, name="team")
-    cfg = with_overrides(cfg, {"pipeline.tracking_uri": None, "evaluation.tasks": ["qt_arc_easy"],
-                               "pipeline.launcher": "python"})  # accelerate launch: tests/test_flow_e2e.py
-    path = cfg.save(root / "team.yaml")
-    env = {**os.environ, "PREFECT_API_URL": prefect_on_postgres, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
-           "PREFECT_HOME": str(root / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with_password = mlflow_server["url"].replace("http://", f"http://admin:{MLFLOW_PASSWORD}@", 1)
-    res = subprocess.run([sys.executable, "-m", "commands.cli", "run", "--config", str(path), "--no-progress",
-                          "--tracking-uri", with_password, "--json", str(root / "table.json")], env=env,
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=500)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "Starting temporary server" not in res.stdout + res.stderr  # the team's server, not one of its own
-    return json.loads((root / "table.json").read_text()), cfg, root, res.stdout + res.stderr
 
 
 @pytest.fixture
@@ -195,10 +167,12 @@ def _sweep(team_pool: dict, name: str, **fields) -> Path:
     return cfg.save(team_pool["root"] / f"{name}.yaml")
 
 
-def _qtuning(team_pool: dict, *args: str, machine: str = "laptop", timeout: float = 600):
+def _qtuning(team_pool: dict, *args: str, machine: str = "laptop", credentials: bool = True, timeout: float = 600):
+    """A qtuning command on `machine`; without `credentials`, no MLflow password in its environment."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "commands.cli", *args], env=team_pool["machine"](machine),
+    env = {k: v for k, v in team_pool["machine"](machine).items() if credentials or not k.startswith("MLFLOW_TRACKING_")}
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], env=env,
                           cwd=team_pool["cwd"], capture_output=True, text=True, timeout=timeout)
 
 
@@ -208,7 +182,28 @@ def _train_dirs(team_pool: dict) -> dict[str, float]:
     return {p.name: (p / "manifest.json").stat().st_mtime for p in train.iterdir() if (p / "manifest.json").exists()}
 
 
-def test_a_sweep_fans_out_to_two_workers_and_builds_the_serial_table(team_pool, prefect_on_postgres, mlflow_server, mlflow_login):
+@pytest.fixture(scope="module")
+def pooled(team_pool, mlflow_server) -> tuple[dict, Path, str]:
+    """`qtuning sweep --work-pool` of the baseline and Q-Tuning from a "laptop" that knows the servers only by
+    their URLs and its credentials: the MLflow user and password inside --tracking-uri (as users paste them; the
+    command moves them to MLFLOW_TRACKING_USERNAME/PASSWORD, and no flow parameter carries them), Prefect's auth
+    string in PREFECT_API_AUTH_STRING. The workers have their own credentials. (Its table as JSON, the sweep
+    file, what it printed.)"""
+    import json
+
+    path = _sweep(team_pool, "pooled")  # the baseline and Q-Tuning: one arm a worker
+    root = team_pool["root"]
+    with_password = mlflow_server["url"].replace("http://", f"http://admin:{MLFLOW_PASSWORD}@", 1)
+    done = _qtuning(team_pool, "sweep", str(path), "--work-pool", "gpus", "--tracking-uri", with_password,
+                    "--json", str(root / "pooled.json"), credentials=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    assert "Starting temporary server" not in out  # the team's server, not one of its own
+    return json.loads((root / "pooled.json").read_text()), path, out
+
+
+def test_a_sweep_fans_out_to_two_workers_and_builds_the_serial_table(pooled, team_pool, prefect_on_postgres, mlflow_server,
+                                                                     mlflow_login):
     """`qtuning sweep --work-pool`: the baseline and the pruned arm as flow runs on the pool, one on each
     worker (their run intervals overlap), under one MLflow parent; the same sweep run serially afterwards trains
     nothing (every stage a cache hit) and prints the same table."""
@@ -216,15 +211,12 @@ def test_a_sweep_fans_out_to_two_workers_and_builds_the_serial_table(team_pool, 
 
     from mlflow import MlflowClient
 
-    path = _sweep(team_pool, "pooled")  # the baseline and Q-Tuning: one arm a worker
+    pooled, path, _ = pooled
     root = team_pool["root"]
-    done = _qtuning(team_pool, "sweep", str(path), "--work-pool", "gpus", "--json", str(root / "pooled.json"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = _arm_runs(prefect_on_postgres, "pooled")
     assert len(runs) == 2 and all(r["state"]["type"] == "COMPLETED" and r["work_pool_name"] == "gpus" for r in runs), runs
     spans = sorted((r["start_time"], r["end_time"]) for r in runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"the arms ran one after another: {spans}"
-    pooled = json.loads((root / "pooled.json").read_text())
     client = MlflowClient(mlflow_server["url"])
     parent = client.get_run(pooled["parent_run_id"])
     kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -293,31 +285,32 @@ def test_a_killed_worker_crashes_its_arm_by_heartbeat_and_a_rerun_resumes_it(tea
     assert {k: v for k, v in after.items() if k in trained} == trained and len(after) == len(trained) + 1
 
 
-# --------------------------------------------------------------------------- a comparison tracked on the servers
-# (after the pool's tests: xdist hands this process its next file when two tests are left, and those two should be short)
-def test_a_comparison_tracked_on_postgresql_with_proxied_artifacts(compared, mlflow_server, databases, tmp_path, mlflow_login):
+# --------------------------------------------------------------------------- the pooled sweep, tracked on the servers
+# (after the killed worker: xdist hands this process its next file when two tests are left, and those should be short)
+def test_the_sweep_is_tracked_on_postgresql_with_proxied_artifacts(pooled, mlflow_server, databases, tmp_path, mlflow_login):
     import psycopg2
     from mlflow import MlflowClient
 
-    table, cfg, *_ = compared
+    table, *_ = pooled
+    arms = sorted(a["arm"] for a in table["arms"])
     client = MlflowClient(mlflow_server["url"])
     parent = client.get_run(table["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.artifact_uri.startswith("mlflow-artifacts:/")
     kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in kids) == ["full", "qtuning-25x50"]
+    assert sorted(r.info.run_name for r in kids) == arms
     for run in kids:
         assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics and "eval/average" in run.data.metrics
     # artifacts went through the server into its destination, and come back through it
-    table = Path(client.download_artifacts(parent.info.run_id, "comparison/table.txt", str(tmp_path)))
-    assert table.read_text().splitlines()[0].split()[0] == "arm"
+    table = Path(client.download_artifacts(parent.info.run_id, "sweep/table.txt", str(tmp_path)))
+    assert "full" in table.read_text()
     assert list(mlflow_server["artifacts"].rglob("table.txt"))
     # the store is the PostgreSQL database: its runs table holds the parent and both arms
     with psycopg2.connect(databases["mlflow"]) as conn, conn.cursor() as cur:
         cur.execute("SELECT name FROM runs WHERE status = 'FINISHED'")
-        assert {"team", "full", "qtuning-25x50"} <= {row[0] for row in cur.fetchall()}
+        assert {"pooled", *arms} <= {row[0] for row in cur.fetchall()}
 
 
-def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databases, prefect_on_postgres):
+def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(pooled, databases, prefect_on_postgres):
     import psycopg2
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
@@ -327,35 +320,35 @@ def test_the_flow_runs_are_on_the_prefect_server_on_postgresql(compared, databas
             cur.execute(sql, args)
             return cur.fetchall()
 
-    ((flow_run_id, state),) = query("SELECT id, state_type FROM flow_run WHERE name = 'compare-team'")
-    assert state == "COMPLETED"
+    sweeps = query("SELECT id, state_type FROM flow_run WHERE name = 'sweep-pooled'")  # on the pool, then serially
+    assert sweeps and all(state == "COMPLETED" for _, state in sweeps), sweeps
     with temporary_settings(updates={PREFECT_API_URL: prefect_on_postgres, PREFECT_API_AUTH_STRING: PREFECT_AUTH}), \
             get_client(sync_client=True) as client:
-        assert client.read_flow_run(flow_run_id).state.is_completed()  # and the API serves it from there
-    # the arms' subflows ran their tasks against this database too; task runs reach it as events, which the
+        assert client.read_flow_run(sweeps[0][0]).state.is_completed()  # and the API serves it from there
+    # the arms' flow runs ran their tasks against this database too; task runs reach it as events, which the
     # server writes in the background: wait for them (a state), not for a time
     subflow_tasks = ("SELECT count(*) FROM task_run WHERE flow_run_id IN "
                      "(SELECT id FROM flow_run WHERE parent_task_run_id IS NOT NULL)")
     deadline = time.monotonic() + 60
     while query(subflow_tasks)[0][0] == 0:
-        assert time.monotonic() < deadline, "no task run of the arms' subflows in Prefect's database within 60 s"
+        assert time.monotonic() < deadline, "no task run of the arms' flow runs in Prefect's database within 60 s"
         time.sleep(0.5)
 
 
-def test_no_password_is_written_printed_or_stored_anywhere(compared, team_pool, mlflow_server, prefect_on_postgres,
+def test_no_password_is_written_printed_or_stored_anywhere(pooled, team_pool, mlflow_server, prefect_on_postgres,
                                                           databases, tmp_path_factory):
-    """The two planted secrets appear nowhere the run leaves a trace: what it printed, every file under its folder
+    """The two planted secrets appear nowhere the runs leave a trace: what the sweep printed, every file under the pool's folder
     (runs, records, configs, Prefect's local results and logs), the artifacts the MLflow server stored, the
     servers' logs, and every row of both PostgreSQL databases (params, tags, the config artifact's record, flow
     run parameters, logs, artifacts, events)."""
     import psycopg2
 
-    _, _, root, printed = compared
+    *_, printed = pooled
     planted = (MLFLOW_PASSWORD, PREFECT_AUTH.split(":", 1)[1])
-    found = [f"output of qtuning run: {s}" for s in planted if s in printed]
+    found = [f"output of qtuning sweep: {s}" for s in planted if s in printed]
     prefect_server_homes = list(tmp_path_factory.getbasetemp().glob("prefect_pg_server*"))
     assert prefect_server_homes
-    for folder in (root, team_pool["root"], mlflow_server["root"], *prefect_server_homes):  # team_pool: the workers' too
+    for folder in (team_pool["root"], mlflow_server["root"], *prefect_server_homes):  # the workers' homes and logs too
         for path in (p for p in folder.rglob("*") if p.is_file()):
             data = path.read_bytes()
             found += [f"{path}: {s}" for s in planted if s.encode() in data]
