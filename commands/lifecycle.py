@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from qtuning.config import DATA_PRESETS, DataConfig
@@ -106,22 +107,39 @@ def guard_run(tracking_uri: str | None, prog: str) -> str:
     for run_id, name, state in ended:
         print(f"{prog}: MLflow run {name} ({run_id}) was RUNNING, but its Prefect flow run is {state}: ended",
               file=sys.stderr)
-    subprocess.Popen(guard_command(os.getpid(), uri), start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    guard = subprocess.Popen(guard_command(os.getpid(), uri), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    first_signal: list[float] = []
 
     def interrupted(signum, frame):
+        import time
+
+        # The handler runs in the main thread, between two bytecodes of whatever it was doing, which is often a
+        # write to the tracking store (the metrics it streams each second). Inside that call a SQLite store's write
+        # lock may be held by the very transaction the signal suspended: the handler's own writes would wait for it
+        # until they timed out (20 s each). So it comes back every 50 ms until the main thread is out of the store;
+        # after 2 s it leaves the runs to the guard, which ends them KILLED once this process is gone.
+        first_signal[:] = first_signal or [time.monotonic()]
+        in_store = in_store_call(frame)
+        if in_store and time.monotonic() < first_signal[0] + 2.0:
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
         signal.signal(signal.SIGINT, lambda *a: os._exit(128 + signum))  # a second Ctrl-C: leave at once
         name = signal.Signals(signum).name
         print(f"\n{prog}: {name}: ending the open MLflow runs KILLED and stopping the training", file=sys.stderr, flush=True)
         from tasks.tracking import close_open_runs
         from tasks.training import stop_trainers
 
-        for ref in close_open_runs("KILLED"):
-            print(f"{prog}: MLflow run {ref.name} ({ref.run_id}) ended KILLED", file=sys.stderr, flush=True)
+        if in_store:
+            print(f"{prog}: this process is inside a write to the tracking store: its guard ends the runs KILLED once "
+                  "it is gone", file=sys.stderr, flush=True)
+        else:
+            for ref in close_open_runs("KILLED"):
+                print(f"{prog}: MLflow run {ref.name} ({ref.run_id}) ended KILLED", file=sys.stderr, flush=True)
         if n := stop_trainers():
             print(f"{prog}: stopped {n} training process group(s); rerun to resume from the last checkpoint",
                   file=sys.stderr, flush=True)
-        stop_children()
+        stop_children(spare=guard.pid)  # the guard ends what this process could not
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(128 + signum)  # not through Prefect's engine: its temporary server may be gone already
@@ -131,13 +149,23 @@ def guard_run(tracking_uri: str | None, prog: str) -> str:
     return uri
 
 
-def stop_children(pid: int | None = None, grace_s: float = 5.0, procs=None) -> None:
+def in_store_call(frame) -> bool:
+    """Is `frame` (the one a signal interrupted) inside a call to a tracking store (MLflow's SQLAlchemy store)?"""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(("sqlalchemy.", "mlflow.store.")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def stop_children(pid: int | None = None, grace_s: float = 5.0, procs=None, spare: int | None = None) -> None:
     """Stop the descendants of `pid` (default: this process), e.g. Prefect's temporary server, or `procs`: SIGTERM
-    (trainers first, launchers left to end with them: tasks.processes), SIGKILL after grace."""
+    (trainers first, launchers left to end with them: tasks.processes), SIGKILL after grace. `spare`: a pid left
+    running."""
     import psutil
 
     from tasks.processes import stop_processes
 
     if procs is None:
-        procs = psutil.Process(pid or os.getpid()).children(recursive=True)
+        procs = [p for p in psutil.Process(pid or os.getpid()).children(recursive=True) if p.pid != spare]
     stop_processes(procs, grace_s)

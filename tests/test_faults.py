@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -595,7 +596,7 @@ def test_ctrl_c_or_sigterm_ends_qtuning_run_killed_within_seconds(tmp_path, spaw
     code = proc.wait(120)
     assert code == 128 + (signal.SIGINT if how.startswith("ctrl-c") else signal.SIGTERM), log.read_text()[-3000:]
     assert _runs(cfg) == {"faults": "KILLED", "full": "KILLED"}
-    wait_for("no process of the run left", lambda: not alive(tree), 20)
+    wait_for("no process of the run left (the guard ends once it has seen the command gone)", lambda: not alive(tree), 60)
     (out,) = list((tmp_path / "runs" / "train").glob("full-*"))
     assert not (out / "final").exists() and len(list((out / "checkpoints").glob("step-*"))) == 1
     if how == "ctrl-c-to-the-group":  # the temporary server died with the group, before the flow run could end
@@ -603,6 +604,58 @@ def test_ctrl_c_or_sigterm_ends_qtuning_run_killed_within_seconds(tmp_path, spaw
         flow_runs = [line for line in closed.splitlines() if line.startswith("Prefect flow run ")]
         assert flow_runs and all(f"left RUNNING by process {proc.pid}, which is gone: set CRASHED" in line for line in flow_runs), closed
         assert "0 orphaned Prefect flow run(s) closed" in _close_orphans(tmp_path, cfg)  # they are no longer open
+
+
+STORE_WRITER = """
+import sys, time
+from pathlib import Path
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from commands.lifecycle import guard_run
+from tasks.tracking import create_run, log_metrics
+uri = guard_run(sys.argv[1], "qtuning run")
+run = create_run(uri, "writes", "arm")
+
+@event.listens_for(Engine, "after_cursor_execute")
+def slow_disk(conn, cursor, statement, *args):  # each row written takes 50 ms before the transaction goes on
+    if statement.lstrip().upper().startswith("INSERT"):
+        time.sleep(0.05)
+
+log_metrics(run, {"m": 0.0}, step=0)
+(Path(sys.argv[2]) / "run_id").write_text(run.run_id)
+step = 0
+while True:  # the main thread nearly always inside a write transaction, as it streams a trainer's metrics
+    step += 1
+    log_metrics(run, {"loss": 1.0 / step, "lr": 1e-3}, step=step)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_that_lands_inside_a_store_write_exits_at_once_and_the_run_ends_killed(tmp_path, spawn, prefect_server):
+    """The SIGINT/SIGTERM handler runs in the main thread, in the middle of whatever it was doing: often a write to
+    a SQLite store (the metrics streamed each second), whose write lock the suspended transaction holds. The
+    handler's own writes waited for that lock until they timed out (~25 s after Ctrl-C), and the runs were left
+    RUNNING: it had also stopped the guard that would have closed them. Now the handler does not write while the
+    main thread is inside the store; the command exits 143 without waiting on the lock, and the run ends KILLED
+    (by the handler, or by the guard once the command is gone)."""
+    from mlflow import MlflowClient
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    script, log = tmp_path / "writer.py", tmp_path / "writer.log"
+    script.write_text(STORE_WRITER)
+    env = {**_env(tmp_path), "PREFECT_API_URL": prefect_server["api_url"]}  # guard_run asks Prefect for orphans
+    proc = spawn([PY, "-P", str(script), uri, str(tmp_path)], log, env)
+    run_id = wait_for("the run opened", lambda: (tmp_path / "run_id").exists() and (tmp_path / "run_id").read_text(),
+                      180, proc, log)
+    client = MlflowClient(uri)
+    wait_for("its metrics streaming", lambda: "loss" in client.get_run(run_id).data.metrics, 60, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "database is locked" not in log.read_text(), log.read_text()[-3000:]
+    run = wait_for("the run ended KILLED", lambda: (r := client.get_run(run_id)).info.status == "KILLED" and r, 60,
+                   log=log)
+    assert run.data.tags["qtuning.ended_by"] in (f"interrupted: ended KILLED by its own process {proc.pid}",
+                                                 f"orphan: its process {proc.pid} on {socket.gethostname()} is gone")
 
 
 def _close_orphans(tmp_path: Path, cfg: CompareConfig) -> str:
