@@ -157,46 +157,14 @@ def test_heldout_loss_difference_is_resampled_over_seeds_and_rows_and_joins_the_
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_flow_trains_the_baseline_once_and_redoes_only_what_is_missing(tmp_path, tiny_compare_config, prefect_server):
-    """Through Prefect's engine on the test process's real server (tests/conftest.py), with a PREFECT_HOME of its
-    own for task results. One benchmark and the plain-python launcher: what is under test is which arms train,
-    the comparison flow tests every benchmark under `accelerate launch`."""
-    from mlflow import MlflowClient
-    from prefect.settings import PREFECT_HOME, temporary_settings
-
-    from flows.sweep import sweep
-
-    base = tiny_compare_config(tmp_path, name="sweep")
-    base = with_overrides(base, {"evaluation.tasks": ["qt_arc_easy"], "pipeline.launcher": "python"})
-    shared = {k: getattr(base, k) for k in ("model", "data", "training", "evaluation", "pipeline")}
-    first = SweepConfig(name="sweep-a", **shared, grid={"pruning.token_ratio": [0.5]})
-    second = SweepConfig(name="sweep-b", **shared, grid={"pruning.token_ratio": [0.5, 0.7]})
-    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect")}):
-        a = sweep(first)
-        b = sweep(second)  # shares the baseline and one arm with the first sweep
-
-    assert [r["arm"] for r in a.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5"]
-    assert [r["arm"] for r in b.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5", "qtuning-qtuning-rs0.25-rt0.7"]
-    train_dirs = sorted(p.name for p in Path(base.pipeline.runs_dir, "train").iterdir())
-    assert len(train_dirs) == 3, train_dirs  # full and rt0.5 trained once for both sweeps, rt0.7 once
-    assert b.arms[0]["loss_tokens"] > b.arms[1]["loss_tokens"] > 0  # the pruned arm trained on fewer tokens
-
-    client = MlflowClient(base.pipeline.tracking_uri)
-    parent = client.get_run(b.parent_run_id)
-    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{b.parent_run_id}'")
-    assert sorted(r.info.run_name for r in kids) == sorted(r["arm"] for r in b.arms)
-    assert "sweep/qtuning-qtuning-rs0.25-rt0.7/average" in parent.data.metrics
-    artifacts = {f.path for f in client.list_artifacts(b.parent_run_id, "sweep")}
-    assert {"sweep/table.txt", "sweep/table.md", "sweep/score_vs_tokens.png"} <= artifacts
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_the_cpu_study_runs_in_its_shape_on_the_tiny_model(tmp_path, tiny_compare_config, prefect_server):
-    """configs/sweeps/cpu-study.yaml as shipped (its arms, measures, budgets and epochs), on the tiny model, a few
-    rows and two of its three seeds (what seeds do to the table is the same for two): 4 arms x 2 seeds, the
-    held-out loss row by row beside the benchmarks, each pruned arm's two differences to full data in one Holm
-    family of 6, the equal-token arms within Q-Tuning's budget."""
+def test_the_cpu_study_runs_in_its_shape_and_a_second_seed_trains_only_what_is_new(tmp_path, tiny_compare_config, prefect_server):
+    """configs/sweeps/cpu-study.yaml as shipped (its arms, measures, budgets and epochs), on the tiny model and a
+    few rows, through Prefect's engine on the test process's real server (tests/conftest.py) with a PREFECT_HOME
+    of its own for task results, one benchmark and the plain-python launcher. First on seed 0 alone, then on two
+    of its three seeds (what seeds do to the table is the same for two): the second sweep trains the four runs of
+    seed 1 and reuses the four of seed 0 (a sweep that shares arms with another, or was interrupted, redoes only
+    what is missing). The table: the held-out loss row by row beside the benchmarks, each pruned arm's two
+    differences to full data in one Holm family of 6, the equal-token arms within Q-Tuning's budget."""
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_HOME, temporary_settings
 
@@ -209,13 +177,20 @@ def test_the_cpu_study_runs_in_its_shape_on_the_tiny_model(tmp_path, tiny_compar
                                  "pipeline.launcher": "python", "data.limit": 16, "data.max_length": 96,
                                  "data.eval_rows": 8, "evaluation.limit": 2, "evaluation.batch_size": 4})
     assert cfg.grid == {"training.seed": [0, 1, 2]}  # as shipped; run on two of them
-    cfg = with_overrides(cfg, {"grid": {"training.seed": [0, 1]}})
+    train = Path(cfg.pipeline.runs_dir, "train")
+    trained = lambda: {p.name: (p / "manifest.json").stat().st_mtime for p in train.iterdir()}  # noqa: E731
     with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "prefect")}):
-        result = sweep(cfg)
+        first = sweep(with_overrides(cfg, {"name": "study-seed0", "grid": {"training.seed": [0]}}))
+        after_first = trained()
+        result = sweep(with_overrides(cfg, {"grid": {"training.seed": [0, 1]}}))
 
-    assert [r["arm"] for r in result.arms] == ["full", "qtuning-qtuning-rs0.25-rt0.5",
-                                               "random-random-rs0.25-rt0.5-budgetequaltokens",
-                                               "infobatch-random-rs0.25-rt0.5-budgetequaltokens"]
+    names = ["full", "qtuning-qtuning-rs0.25-rt0.5", "random-random-rs0.25-rt0.5-budgetequaltokens",
+             "infobatch-random-rs0.25-rt0.5-budgetequaltokens"]
+    assert [r["arm"] for r in first.arms] == names and len(after_first) == 4
+    assert [r["arm"] for r in result.arms] == names
+    after = trained()
+    assert len(after) == 8 and {k: after[k] for k in after_first} == after_first  # seed 0's four runs not retrained
+    assert result.arms[0]["loss_tokens"] > result.arms[1]["loss_tokens"] > 0  # the pruned arm trained on fewer tokens
     assert all(r["seeds"] == 2 for r in result.arms) and len(result.runs) == 8
     for r in result.arms[1:]:
         assert not np.isnan(r["heldout_diff"]) and not np.isnan(r["diff"]) and r["heldout_diff_p_holm"] >= r["heldout_diff_p"]
@@ -224,7 +199,12 @@ def test_the_cpu_study_runs_in_its_shape_on_the_tiny_model(tmp_path, tiny_compar
         assert Path(run["heldout_rows_path"]).stat().st_size > 0
         if run["budget"] == "equal_tokens":  # as many loss tokens as Q-Tuning would have trained, never more
             assert 0 < run["loss_tokens"] <= run["budget_tokens"]
+
     client = MlflowClient(cfg.pipeline.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    kids = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(r.info.run_name for r in kids) == sorted(f"{n}-seed{s}" for n in names for s in (0, 1))
+    assert "sweep/qtuning-qtuning-rs0.25-rt0.5/heldout_diff" in parent.data.metrics
+    assert "sweep/qtuning-qtuning-rs0.25-rt0.5/average" in parent.data.metrics
     artifacts = {f.path for f in client.list_artifacts(result.parent_run_id, "sweep")}
-    assert "sweep/score_vs_tokens.png" in artifacts
-    assert "sweep/qtuning-qtuning-rs0.25-rt0.5/heldout_diff" in client.get_run(result.parent_run_id).data.metrics
+    assert {"sweep/table.txt", "sweep/table.md", "sweep/score_vs_tokens.png"} <= artifacts
