@@ -16,7 +16,8 @@ Then `guard_run`:
 - SIGINT (a terminal's Ctrl-C, which also reaches Prefect's temporary server) and SIGTERM end this process's
   open MLflow runs KILLED through the MLflow client, stop the trainers (each saves a checkpoint at its step
   boundary) and the temporary server, and exit 130/143 within seconds, without waiting for a Prefect API that
-  may be gone.
+  may be gone. A signal that lands inside a write to the store (whose SQLite lock that suspended write holds)
+  is taken again 50 ms later, for up to 2 s; then the runs are left to the guard, which outlives this process.
 """
 
 from __future__ import annotations
