@@ -45,6 +45,8 @@ def main(out: Path, grad_accum: int, variants: list[bool]) -> None:
     rows = build_sft_dataset(DataConfig(source="arc", limit=16, max_length=160), tok, progress=False).dataset
     for average_tokens in variants:  # one launch, every variant: the processes start (and import) once
         step(out, cfg, tok, rows, grad_accum, average_tokens)
+    if torch.distributed.is_initialized():  # the Trainer leaves its group open; a gloo rank that exits with it open
+        torch.distributed.destroy_process_group()  # aborted once ("terminate called without an active exception")
 
 
 def step(out: Path, cfg, tok, rows, grad_accum: int, average_tokens: bool) -> None:
