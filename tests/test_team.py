@@ -246,9 +246,10 @@ def test_a_killed_worker_crashes_its_arm_by_heartbeat_and_a_rerun_resumes_it(tea
     from mlflow import MlflowClient
 
     root = team_pool["root"]
-    # 80 steps an arm, a checkpoint every 10: the kill lands after the first with most of the arm left, the
-    # surviving arm ends within the heartbeat's window, and the rerun trains what the dead one had left
-    training = team_pool["base"].training.model_copy(update={"epochs": 40.0, "checkpoint_every_steps": 10})
+    # 40 steps an arm, a checkpoint every 10: the kill lands after the first with most of the arm left (30 steps,
+    # about 10 s: the loop below looks every second), the surviving arm ends within the heartbeat's window, and the
+    # rerun trains what the dead one had left
+    training = team_pool["base"].training.model_copy(update={"epochs": 20.0, "checkpoint_every_steps": 10})
     path = _sweep(team_pool, "killed", training=training)
     log = root / "killed.log"
     parent = background([sys.executable, "-m", "commands.cli", "sweep", str(path), "--work-pool", "gpus"], log,
@@ -256,7 +257,7 @@ def test_a_killed_worker_crashes_its_arm_by_heartbeat_and_a_rerun_resumes_it(tea
     victim, deadline = None, time.monotonic() + 300
     while victim is None:
         assert time.monotonic() < deadline and parent.poll() is None, log.read_text()[-4000:]
-        time.sleep(2)
+        time.sleep(1)
         for run in _arm_runs(prefect_on_postgres, "killed"):
             ckpts = list(Path(team_pool["base"].pipeline.runs_dir, "train").glob("full-*/checkpoints/step-*/trainer_state.json"))
             if run["parameters"]["config"]["name"] == "full" and run["state"]["type"] == "RUNNING" and ckpts:
