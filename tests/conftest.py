@@ -87,18 +87,22 @@ def wait_for_url(url: str, proc, timeout: float, log: Path | None = None) -> Non
     pytest.fail(f"{url} did not answer within {timeout:.0f}s (exit code {proc.poll()}):\n{tail}", pytrace=False)
 
 
-def _end_groups(procs: list) -> None:
-    """End each process's group (SIGTERM, SIGKILL after 20 s), last started first."""
+def _end_groups(procs: list, grace_s: float = 10.0) -> None:
+    """End each process's group, last started first (workers before their server): SIGTERM, then SIGKILL after
+    `grace_s`, with a warning that names the process (one that does not stop on SIGTERM is worth knowing about)."""
     import os
     import signal
     import subprocess
+    import warnings
 
     for proc in reversed(procs):
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)  # the group: the server's own workers and the runner's flow-run children
             except ProcessLookupError:
                 break
+            if sig == signal.SIGKILL:
+                warnings.warn(f"{' '.join(map(str, proc.args))[:200]} did not end within {grace_s:g} s of SIGTERM: killed")
             try:
                 proc.wait(wait)
                 break
@@ -122,7 +126,7 @@ def _starter(procs: list):
 @pytest.fixture(scope="module")
 def background():
     """background(cmd, log, env=None) -> Popen in its own process group; every group is ended at the module's
-    teardown (SIGTERM, SIGKILL after 20 s), last started first."""
+    teardown (SIGTERM, SIGKILL after 10 s), last started first."""
     procs: list = []
     yield _starter(procs)
     _end_groups(procs)
