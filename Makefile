@@ -25,11 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 # the test tools (pytest, selenium, trl) only for the tests: `make run` installs none of them
 # DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) on its first ZeRO run, 35-50 s on 2 cores: it
-# is built here once, into torch's extension cache, as `DS_BUILD_OPS` would at its install (best effort: without a
-# C++ compiler the ZeRO test says what is missing).
+# is built here once, into torch's extension cache, by the call DeepSpeed's torch backend makes (it builds nothing
+# where DeepSpeed would not use it; best effort: without a C++ compiler the ZeRO test says what is missing).
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -e ".[pipeline,dev]"
-	@$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
+	@$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
 	  >/dev/null 2>&1 || echo "could not build DeepSpeed's CPU op (a C++ compiler?): its first ZeRO run will try again"
 	@touch $@
 
