@@ -209,14 +209,20 @@ def measure_forward_memory(kind: str, quick: bool, rows: int, max_length: int) -
 
 def memory_ratio(quick: bool, rows: int, max_length: int) -> dict[str, float]:
     """Peaks of the scoring forward and of a training step over that of a plain no-grad forward, on the `rows`
-    longest of a slice."""
-    peaks = {}
+    longest of a slice. Each in a process of its own (a clean allocator and peak), the three at once: a peak is
+    its own process's, and most of each process's time is loading torch and the model."""
+    procs = {}
     for kind in ("plain", "scoring", "train"):
         cmd = [sys.executable, "-m", "qtuning.bench", "--_memory", kind, "--micro-batch", str(rows), "--max-length", str(max_length)]
         if quick:
             cmd.append("--quick")
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        peaks[kind] = int(res.stdout.strip().splitlines()[-1])
+        procs[kind] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = {kind: proc.communicate() for kind, proc in procs.items()}  # every one waited for, then checked
+    peaks = {}
+    for kind, (out, err) in outputs.items():
+        if procs[kind].returncode:
+            raise subprocess.CalledProcessError(procs[kind].returncode, procs[kind].args, out, err)
+        peaks[kind] = int(out.strip().splitlines()[-1])
     return {
         "plain_forward_peak_bytes": peaks["plain"],
         "scoring_peak_bytes": peaks["scoring"],
