@@ -237,6 +237,36 @@ def test_metrics_file_is_logged_once_per_step(tracking_uri, tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]
 
 
+def test_a_replayed_history_is_logged_in_batches_of_whole_steps_and_a_failed_batch_is_sent_once_again(tracking_uri, tmp_path):
+    """A cached arm's metrics.jsonl replayed into a new run: one request per METRICS_PER_REQUEST values, not one per
+    step; a request that fails leaves its steps for the next look, which logs them once."""
+    run = tracking.create_run(tracking_uri, "unit", "replay")
+    path = tmp_path / "metrics.jsonl"
+    per_step = 5
+    full = tracking.METRICS_PER_REQUEST // per_step  # steps in a full request
+    steps = 2 * full + 3  # two full requests and a short third
+    path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s, **{f"m{i}": i for i in range(per_step - 1)}}) + "\n"
+                            for s in range(1, steps + 1)))
+    sent, log_batch = [], run.client.log_batch
+
+    def counting(run_id, metrics=(), **kw):  # the real client's request, counted; the second one fails once
+        sent.append({m.step for m in metrics})
+        if len(sent) == 2:
+            raise ConnectionError("the server went away")
+        return log_batch(run_id, metrics=metrics, **kw)
+
+    run.client.log_batch = counting
+    logged: set[int] = set()
+    heard: list[int] = []
+    with pytest.raises(ConnectionError):
+        training._sync_metrics(run, path, logged, heard.append)
+    assert sent[0] == set(range(1, full + 1)) and logged == sent[0] and heard == [full]
+    training._sync_metrics(run, path, logged, heard.append)  # the failed request's steps, and the rest
+    assert len(sent) == 4 and heard[-1] == steps and logged == set(range(1, steps + 1))
+    history = run.client.get_metric_history(run.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # each step once
+
+
 # --------------------------------------------------------------------------- the training subprocess
 def test_launch_commands(tmp_path):
     cfg = _experiment(tmp_path)
