@@ -237,7 +237,8 @@ def test_metrics_file_is_logged_once_per_step(tracking_uri, tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 0.5)]
 
 
-def test_a_replayed_history_is_logged_in_batches_of_whole_steps_and_a_failed_batch_is_sent_once_again(tracking_uri, tmp_path):
+def test_a_replayed_history_is_logged_in_batches_of_whole_steps_and_a_failed_batch_is_sent_once_again(tracking_uri, tmp_path,
+                                                                                                         monkeypatch):
     """A cached arm's metrics.jsonl replayed into a new run: one request per METRICS_PER_REQUEST values, not one per
     step; a request that fails leaves its steps for the next look, which logs them once."""
     run = tracking.create_run(tracking_uri, "unit", "replay")
@@ -255,7 +256,7 @@ def test_a_replayed_history_is_logged_in_batches_of_whole_steps_and_a_failed_bat
             raise ConnectionError("the server went away")
         return log_batch(run_id, metrics=metrics, **kw)
 
-    run.client.log_batch = counting
+    monkeypatch.setattr(run.client, "log_batch", counting)  # the store's one client (tracking.client is cached)
     logged: set[int] = set()
     heard: list[int] = []
     with pytest.raises(ConnectionError):
