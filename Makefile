@@ -45,9 +45,16 @@ run: assets
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: a module's fixtures (a server, a
 # trained run) are built once. The files go out longest first (tests/conftest.py, LONGEST_FIRST), not in xdist's
 # order by count of tests. TEST_WORKERS=0 runs it in this process alone.
+# Torch's threads in each test process are its share of the cores (TEST_THREADS; as tasks/training.py gives each
+# training process its share): two test processes of two threads each on two cores oversubscribe them, and
+# OpenMP's threads spin waiting for a partner that the other process holds off the core (the suite took 11:42 and
+# 12:19 so on a 2-core AMD EPYC, 10:20 with one thread each). An OMP_NUM_THREADS already set wins; the thread
+# counts themselves are `make test-numerics`'s business.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= $(or $(OMP_NUM_THREADS),$(shell n=$$(nproc 2>/dev/null || echo 1); w=$(TEST_WORKERS); \
+  [ "$$w" -gt 0 ] 2>/dev/null || w=1; t=$$((n / w)); echo $$((t > 0 ? t : 1))))
 test: setup-dev assets
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The float-sensitive tests (marker `numerics`) as other CPUs run them: torch's kernels without AVX (default)
 # and with AVX2 only, on 1 and 2 threads. A tolerance fitted to this CPU's rounding fails here first.
