@@ -47,8 +47,8 @@ run: assets
 # order by count of tests. TEST_WORKERS=0 runs it in this process alone.
 # Torch's threads in each test process are its share of the cores (TEST_THREADS; as tasks/training.py gives each
 # training process its share): two test processes of two threads each on two cores oversubscribe them, and
-# OpenMP's threads spin waiting for a partner that the other process holds off the core (the suite took 11:42 and
-# 12:19 so on a 2-core AMD EPYC, 10:20 with one thread each). An OMP_NUM_THREADS already set wins; the thread
+# an OpenMP thread spins waiting for a partner that the other process holds off the core (the suite took 11:42 and
+# 12:19 that way on a 2-core AMD EPYC, 10:20 with one thread each). An OMP_NUM_THREADS already set wins; the thread
 # counts themselves are `make test-numerics`'s business.
 TEST_WORKERS ?= 2
 TEST_THREADS ?= $(or $(OMP_NUM_THREADS),$(shell n=$$(nproc 2>/dev/null || echo 1); w=$(TEST_WORKERS); \
